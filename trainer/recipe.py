@@ -1,0 +1,228 @@
+"""Recipes: YAML files read with omegaconf into typed dataclasses, with ``key=value`` overrides.
+
+Every key a recipe may hold is declared here, with its type and default, so a misspelled key or a
+wrong type is caught before anything runs, and named by its dotted path with the closest valid key.
+The method sections (``lora``, ...) are declared by the method modules themselves.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from trainer.errors import UserError
+from trainer.methods.lora.config import LoraConfig
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (built in), a diffusers folder, a single-file .safetensors/.ckpt, or a hub id in the local cache.
+    base: str = "tiny"
+    # A diffusers folder whose configs describe a single-file checkpoint (default: the packaged SD1/SD2 ones).
+    config: Optional[str] = None
+    # "auto" reads it from the base model's scheduler; or "epsilon" / "v_prediction".
+    prediction_type: str = "auto"
+    # 1 = the text encoder's last layer; 2 = the penultimate one (what anime models expect).
+    clip_skip: int = 1
+    # Opt in to reading pickled .ckpt/.pt files that fail torch.load(weights_only=True).
+    allow_unsafe_pickle: bool = False
+
+
+@dataclass
+class SubsetConfig:
+    # A folder of images (and sidecar captions).
+    dir: str = MISSING
+    repeats: int = 1
+    # Fallback caption for images without a sidecar caption ("class tokens" in kohya).
+    caption: Optional[str] = None
+    caption_extension: Optional[str] = None
+    # Regularisation (prior preservation) images: their loss is weighted by dreambooth.prior_loss_weight.
+    is_reg: bool = False
+    # A metadata.jsonl (HF datasets imagefolder layout: file_name + text) instead of sidecar captions.
+    metadata_file: Optional[str] = None
+
+
+@dataclass
+class BucketConfig:
+    enabled: bool = True
+    min_side: int = 32
+    max_side: int = 1024
+    step: int = 64
+    # Never upscale: shrink to the resolution's area at most, floor each side to the step.
+    no_upscale: bool = False
+
+
+@dataclass
+class DataConfig:
+    # A kohya parent folder whose subfolders are named "N_words" (N repeats, words = fallback caption).
+    dir: Optional[str] = None
+    # Or an explicit list of subsets.
+    subsets: list[SubsetConfig] = field(default_factory=list)
+    caption_extension: str = ".txt"
+    resolution: int = 512
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    flip: bool = False
+    # Captions as comma-separated tags: shuffle all but the first keep_tokens.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_separator: str = ","
+    caption_dropout: float = 0.0
+    tag_dropout: float = 0.0
+    # Prepended to every caption (e.g. "sls frog") unless the caption already starts with it.
+    trigger_word: str = ""
+    # "none", "memory" or "disk".
+    cache_latents: str = "none"
+    # Folder for the disk cache (default: {output.dir}/latent_cache).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    # "adamw", "adamw8bit", "prodigy" or "adafactor".
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # "auto" = bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU; or "no", "fp16", "bf16".
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: Optional[float] = None
+    save_every_steps: int = 0
+    keep_checkpoints: int = 3
+    log_every_steps: int = 1
+
+
+@dataclass
+class SampleConfig:
+    every_steps: int = 0
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    seed: int = 1234
+    steps: int = 20
+    guidance_scale: float = 7.0
+    # 0 = data.resolution.
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "output/run"
+    name: str = "model"
+    # Artifact formats; each method says which it knows (LoRA: "kohya", "diffusers").
+    formats: list[str] = field(default_factory=lambda: ["kohya"])
+    # "fp32", "fp16" or "bf16".
+    save_dtype: str = "fp16"
+    comment: str = ""
+    tensorboard: bool = True
+
+
+@dataclass
+class Recipe:
+    method: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _closest_key(node: Any, key: str) -> str:
+    if isinstance(node, DictConfig):
+        matches = difflib.get_close_matches(key, [str(k) for k in node.keys()], n=1, cutoff=0.5)
+        if matches:
+            return f" Did you mean '{matches[0]}'?"
+        return " Valid keys here: " + ", ".join(str(k) for k in node.keys()) + "."
+    return ""
+
+
+def _explain(error: OmegaConfBaseException, schema: DictConfig, source: str) -> UserError:
+    full_key = str(getattr(error, "full_key", "") or "")
+    if isinstance(error, ConfigKeyError) and full_key:
+        parent_path, _, key = full_key.rpartition(".")
+        parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+        hint = _closest_key(parent, key)
+        return UserError(f"{source}: unknown recipe key '{full_key}'.{hint} Fix or remove the key.")
+    if isinstance(error, ValidationError) and full_key:
+        expected = getattr(error, "ref_type", None) or getattr(error, "object_type", None)
+        expected_name = getattr(expected, "__name__", None) or str(expected)
+        node = OmegaConf.select(schema, full_key, throw_on_missing=False)
+        if node is not None and not isinstance(node, (DictConfig, ListConfig)):
+            expected_name = type(node).__name__
+        msg = str(error).splitlines()[0]
+        return UserError(
+            f"{source}: recipe key '{full_key}' has the wrong type ({msg}). Expected a value of type "
+            f"{expected_name}; fix the value in the recipe or the override."
+        )
+    return UserError(f"{source}: {str(error).splitlines()[0]}. Fix the recipe and try again.")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"Recipe file '{path}' does not exist. Pass the path of a YAML recipe, e.g. recipes/sls_frog_lora.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"Recipe '{path}' is not valid YAML{where}: {problem}. Check indentation and quoting there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"Recipe '{path}' must be a YAML mapping of keys (method:, model:, data:, ...), not a {type(data).__name__}.")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"Override '{item}' is not of the form key=value, e.g. train.max_steps=50.")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise UserError(f"Could not read the overrides {overrides}: {str(err).splitlines()[0]}.") from None
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply ``key=value`` overrides and validate every key and type."""
+    path = Path(path)
+    schema = OmegaConf.structured(Recipe)
+    merged = schema
+    for source, layer in ((str(path), lambda: OmegaConf.create(_read_yaml(path))), ("override", lambda: _parse_overrides(overrides or []))):
+        try:
+            merged = OmegaConf.merge(merged, layer())
+        except OmegaConfBaseException as err:
+            raise _explain(err, schema, source) from None
+    if OmegaConf.is_missing(merged, "method"):
+        raise UserError(f"{path}: the recipe has no 'method' key. Add e.g. 'method: lora' at the top.")
+    for index, subset in enumerate(merged.data.subsets):
+        if OmegaConf.is_missing(subset, "dir"):
+            raise UserError(f"{path}: data.subsets[{index}] has no 'dir'. Give each subset the folder of its images.")
+    recipe: Recipe = OmegaConf.to_object(merged)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
