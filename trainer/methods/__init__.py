@@ -1,0 +1,22 @@
+"""The registry of training methods: ``method:`` in a recipe names one of these."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from trainer.errors import UserError
+
+# Imported on demand so a run only pays for the method it uses.
+METHODS = {
+    "lora": "trainer.methods.lora.method:LoraMethod",
+}
+
+
+def method_class(name: str):
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"Recipe key 'method' is '{name}', which is not a known method.{hint} Known methods: {', '.join(METHODS)}.")
+    module, _, cls = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,176 @@
+"""Resumable checkpoints: everything needed to continue a run so it ends with the same weights.
+
+A checkpoint is a folder ``{output.dir}/checkpoints/step-00000010/`` holding
+
+- ``trainable.safetensors``  the method's trained tensors
+- ``optimizer.safetensors``  the optimizer's tensors; its other values are in ``state.json``
+- ``rng.safetensors``        torch's CPU (and CUDA) generator states
+- ``state.json``             step, data position, LR scheduler, Python/numpy RNG, recipe
+
+No pickles: tensors go to safetensors, everything else to JSON. The folder is assembled under a
+hidden temporary name and renamed in one step, so a crash leaves either no checkpoint or a
+complete one; ``latest`` only considers complete folders.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.atomic import staged_directory
+from trainer.errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where the run stands: optimizer steps done, and the next micro-batch in the data order."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    micro_step: int = 0
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {}
+    for index, values in state["state"].items():
+        plain[str(index)] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain[str(index)][key] = value
+    return tensors, {"state": plain, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state = {int(i): dict(values) for i, values in plain["state"].items()}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+    return tensors, plain
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, keep: int) -> Path:
+    """Write a complete checkpoint atomically, then drop the oldest beyond ``keep``."""
+    target = checkpoint_dir(output_dir, progress.step)
+    optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_plain = _rng_state()
+    state = {
+        "format": FORMAT_VERSION,
+        "progress": asdict(progress),
+        "method": recipe["method"],
+        "recipe": recipe,
+        "data_fingerprint": data_fingerprint,
+        "optimizer": optimizer_plain,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "rng": rng_plain,
+    }
+    with staged_directory(target) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}, tmp / "trainable.safetensors")
+        save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        # state.json last: its presence is what marks the folder's content complete.
+        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    _rotate(Path(output_dir) / "checkpoints", keep)
+    return target
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = CHECKPOINT_NAME.match(child.name)
+            if match and child.is_dir() and (child / "state.json").is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _rotate(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for _, old in _complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(output_dir: Path, resume: str) -> Path:
+    """``latest`` -> the newest complete checkpoint under ``output_dir``; anything else is a path."""
+    if resume == "latest":
+        found = _complete_checkpoints(Path(output_dir) / "checkpoints")
+        if not found:
+            raise UserError(
+                f"--resume latest: no complete checkpoint under '{Path(output_dir) / 'checkpoints'}'. "
+                "Check output.dir, or set train.save_every_steps so the run writes checkpoints."
+            )
+        return found[-1][1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise UserError(f"--resume '{resume}' is not a complete sdtrain checkpoint folder (no state.json). Pass 'latest' or a folder like checkpoints/step-00000010.")
+    return path
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(**self.state["progress"])
+
+    def restore(self, method, optimizer, lr_scheduler) -> None:
+        method.load_trainable_state_dict(load_file(self.path / "trainable.safetensors"))
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(self.path / "optimizer.safetensors"), self.state["optimizer"]))
+        lr_scheduler.load_state_dict(self.state["lr_scheduler"])
+        _restore_rng(load_file(self.path / "rng.safetensors"), self.state["rng"])
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"Checkpoint '{path}' cannot be read ({err}). Resume from an earlier checkpoint folder.") from None
+    if state.get("format") != FORMAT_VERSION:
+        raise UserError(f"Checkpoint '{path}' has format {state.get('format')}, this sdtrain reads format {FORMAT_VERSION}.")
+    return Checkpoint(path, state)

@@ -1,0 +1,88 @@
+"""``sdtrain``: the command line. Bad input ends in one clear paragraph and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from trainer.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.recipe import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_config:
+        print(recipe_to_yaml(recipe), end="")
+        return 0
+    from trainer.loop import train
+
+    train(recipe, resume=args.resume, show_progress=not args.quiet)
+    return 0
+
+
+def _base(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.models.loading import load_base_model, save_diffusers_folder
+
+    if args.name != "tiny":
+        raise UserError(f"'sdtrain base {args.name}': the only built-in model is 'tiny'.")
+    save_diffusers_folder(load_base_model("tiny"), Path(args.directory))
+    print(f"Wrote the built-in tiny model as a diffusers folder to {args.directory}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from trainer.data.inspect import inspect_report
+
+    print(inspect_report(args.target))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(prog="sdtrain", description="Fine-tune Stable Diffusion models from YAML recipes, offline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", parents=[common], help="train from a recipe", description="Train from a YAML recipe; key=value arguments override recipe keys.")
+    train.add_argument("recipe", help="path of a YAML recipe, e.g. recipes/sls_frog_lora.yaml")
+    train.add_argument("overrides", nargs="*", help="recipe overrides such as train.max_steps=50 output.dir=/tmp/x")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoint folder under {output.dir}/checkpoints")
+    train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+    base = commands.add_parser("base", parents=[common], help="write a built-in base model as a diffusers folder")
+    base.add_argument("name", help="'tiny'")
+    base.add_argument("directory")
+    base.set_defaults(run=_base)
+
+    data = commands.add_parser("data", help="look at a dataset before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser("inspect", parents=[common], help="images, repeats, captions, buckets, tag frequencies and problems")
+    inspect.add_argument("target", help="a dataset folder or a recipe")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Nothing may reach for the network: the toolkit is offline-first.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        print("error: " + textwrap.fill(str(err), width=100, subsequent_indent="       "), file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The denoising objective shared by every method: noise, targets, loss weighting, prompt encoding.
+
+All randomness of a training step comes from one generator seeded by (train.seed, step), so a run
+resumed at step k draws exactly the noise the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    # Distinct, reproducible streams per micro-batch; CPU generator so CPU and GPU runs draw the same numbers.
+    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + micro_step)
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise (plus kohya's per-channel noise offset) and uniform timesteps for ``latents``."""
+    shape = latents.shape
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        # Offset noise lets the model learn very dark and very bright images (crosslabs' trick, as kohya).
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (shape[0],), generator=generator)
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+
+
+def target_for(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def per_sample_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    min_snr_gamma: float | None,
+) -> torch.Tensor:
+    """MSE per sample, weighted by min-SNR-gamma when asked (weight min(snr, g)/snr, or /(snr+1) for v)."""
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=list(range(1, prediction.dim())))
+    if min_snr_gamma:
+        ratio = snr(scheduler, timesteps)
+        weight = torch.clamp(ratio, max=min_snr_gamma)
+        weight = weight / (ratio + 1) if scheduler.config.prediction_type == "v_prediction" else weight / ratio
+        loss = loss * weight
+    return loss
+
+
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    # transformers 5 moved the CLIP text tower's modules up one level (no .text_model).
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int, device: torch.device) -> torch.Tensor:
+    """CLIP hidden states for ``captions``; clip_skip 2 takes the penultimate layer, then the final norm (A1111/kohya)."""
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    output = text_encoder(ids.to(device), output_hidden_states=clip_skip > 1)
+    if clip_skip <= 1:
+        return output.last_hidden_state
+    return final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])

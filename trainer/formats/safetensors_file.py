@@ -1,0 +1,79 @@
+"""safetensors files as the UIs read them: atomic writes, header metadata, AUTOMATIC1111's hashes.
+
+References: ../shared/reference/formats.md section 6 (metadata keys, ``sshs_model_hash``) and
+kohya.md 2.2 (how kohya computes the hashes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as serialize
+
+from trainer.atomic import write_bytes
+
+
+def data_section(serialized: bytes) -> bytes:
+    """The tensor bytes of a serialized safetensors file (after the 8-byte length and the JSON header)."""
+    (header_length,) = struct.unpack("<Q", serialized[:8])
+    return serialized[8 + header_length :]
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) exactly as kohya writes them.
+
+    The model hash is the SHA-256 of the tensor data only, which is what AUTOMATIC1111 (and the
+    sd-webui-additional-networks extension) compute, independent of the header. The legacy hash is
+    taken from the bytes 0x100000..0x110000 of the file serialized with only the ``ss_*`` metadata.
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    serialized = serialize(tensors, metadata=ss_only)
+    model_hash = hashlib.sha256(data_section(serialized)).hexdigest()
+    legacy_hash = hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, with_hashes: bool = False) -> Path:
+    """Write ``tensors`` to ``path`` atomically; metadata values must be strings (the format says so)."""
+    metadata = dict(metadata or {})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if with_hashes:
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = addnet_hashes(tensors, metadata)
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise TypeError(f"safetensors metadata '{key}' must be a string, got {type(value).__name__}")
+    return write_bytes(path, serialize(tensors, metadata=metadata))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    with open(path, "rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_length))
+    return header.get("__metadata__", {})
+
+
+def iso_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def modelspec(architecture: str, implementation: str, title: str, resolution: int, prediction_type: str, **extra: str) -> dict[str, str]:
+    """Stability AI ModelSpec 1.0.1 keys (formats.md 6.2): the "must" keys plus date and prediction type."""
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": iso_now(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    spec.update({f"modelspec.{k}": v for k, v in extra.items() if v})
+    return spec
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,0 +1,234 @@
+"""The one training loop. It knows nothing about which method it runs.
+
+Each optimizer step draws ``gradient_accumulation_steps`` micro-batches in the data loader's
+deterministic order, forms the method's loss on noise drawn from a generator seeded by the
+micro-batch number, and steps. Checkpoints record the step, the data position, the optimizer,
+scheduler and RNG states, so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import diffusion
+from trainer.atomic import write_text
+from trainer.checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.errors import UserError
+from trainer.formats.safetensors_file import iso_now
+from trainer.methods import method_class
+from trainer.methods.base import ExportContext
+from trainer.models.loading import load_base_model
+from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml
+
+
+class TrainingDiverged(UserError):
+    exit_code = 3
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    artifacts: list[Path]
+    checkpoints: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    final_loss: float = float("nan")
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting not in ("auto", "no", "fp16", "bf16"):
+        raise UserError(f"Recipe key 'train.mixed_precision' is '{setting}'; use auto, no, fp16 or bf16.")
+    if setting != "auto":
+        if setting != "no" and not torch.cuda.is_available():
+            raise UserError(f"train.mixed_precision={setting} needs a CUDA GPU; on CPU use 'auto' or 'no' (fp32).")
+        return setting
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    train = recipe.train
+    for key, value in (("train.max_steps", train.max_steps), ("train.batch_size", train.batch_size), ("train.gradient_accumulation_steps", train.gradient_accumulation_steps)):
+        if value < 1:
+            raise UserError(f"Recipe key '{key}' is {value}; it must be at least 1.")
+    if recipe.data.cache_latents not in ("none", "memory", "disk"):
+        raise UserError(f"Recipe key 'data.cache_latents' is '{recipe.data.cache_latents}'; use none, memory or disk.")
+    if recipe.sample.every_steps and not recipe.sample.prompts:
+        raise UserError("Recipe key 'sample.every_steps' is set but 'sample.prompts' is empty. Add prompts or set sample.every_steps=0.")
+
+
+def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
+    """Frozen parts in the compute dtype, trained parameters in fp32 (mixed precision's master weights)."""
+    for part in (model.unet, model.vae, model.text_encoder):
+        part.to(device, dtype=weight_dtype).eval()
+    trainable = []
+    for module in method.trainable_modules().values():
+        module.train()
+        if gradient_checkpointing:
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+            else:
+                module.gradient_checkpointing_enable()
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+                trainable.append(param)
+    if not trainable:
+        raise UserError(f"Method '{method.name}' set up no trainable parameters; check the recipe's '{method.name}' section.")
+    return trainable
+
+
+def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from trainer.data import LatentCache, TrainingData, vae_fingerprint
+
+    _check_recipe(recipe)
+    cfg = recipe.train
+    output_dir = Path(recipe.output.dir)
+    method_cls = method_class(recipe.method)
+    checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
+    if checkpoint and checkpoint.state["method"] != recipe.method:
+        raise UserError(f"Checkpoint '{checkpoint.path}' was made by method '{checkpoint.state['method']}', the recipe says '{recipe.method}'. Resume with the same method.")
+
+    data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
+    for warning in data.warnings:
+        print(f"warning: {warning}")
+    if checkpoint and checkpoint.state["data_fingerprint"] != data.fingerprint:
+        print("warning: the data changed since the checkpoint was written; the resumed run will not match an uninterrupted one.")
+
+    mixed_precision = _mixed_precision(cfg.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with="tensorboard" if recipe.output.tensorboard else None,
+        project_dir=str(output_dir / "logs"),
+    )
+    set_seed(cfg.seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+    model = load_base_model(recipe.model.base, recipe.model.config, recipe.model.prediction_type, recipe.model.allow_unsafe_pickle)
+    method = method_cls(recipe, model)
+    method.setup()
+    device = accelerator.device
+    trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
+    optimizer = build_optimizer(method.param_groups(), cfg)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+    progress = Progress()
+    if checkpoint:
+        checkpoint.restore(method, optimizer, lr_scheduler)
+        progress = checkpoint.progress
+        print(f"Resumed from {checkpoint.path} at step {progress.step}.")
+
+    cache = LatentCache(
+        recipe.data.cache_latents,
+        Path(recipe.data.cache_dir) if recipe.data.cache_dir else output_dir / "latent_cache",
+        vae_fingerprint(model.vae) if recipe.data.cache_latents != "none" else "",
+    )
+    scaling = model.vae.config.scaling_factor
+
+    def encode_mean(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.vae.encode(pixels.to(device, weight_dtype)).latent_dist.mean * scaling
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    recipe_dict = recipe_to_dict(recipe)
+    if recipe.output.tensorboard:
+        accelerator.init_trackers("sdtrain", config={k: v for k, v in _flat(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
+
+    result = TrainResult(output_dir=output_dir, artifacts=[])
+    started_at = iso_now()
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not show_progress, unit="step", dynamic_ncols=True)
+    step_loss = 0.0
+    started = time.perf_counter()
+
+    def save() -> None:
+        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, cfg.keep_checkpoints)
+        result.checkpoints.append(path)
+
+    def sample() -> None:
+        from trainer.sampling import write_samples
+
+        result.samples += write_samples(model, recipe, progress.step, output_dir / "samples", device)
+
+    while progress.step < cfg.max_steps:
+        batches = data.epoch_batches(progress.epoch)
+        while progress.batch_in_epoch < len(batches) and progress.step < cfg.max_steps:
+            batch = data.load_batch(batches[progress.batch_in_epoch], progress.epoch)
+            generator = diffusion.step_generator(cfg.seed, progress.micro_step)
+            if recipe.data.cache_latents == "none":
+                with torch.no_grad():
+                    dist = model.vae.encode(batch.pixel_values().to(device, weight_dtype)).latent_dist
+                    latents = dist.sample(generator=generator) * scaling
+            else:
+                latents = cache.latents(batch, encode_mean).to(device)
+            noise, timesteps = diffusion.sample_noise(latents, generator, cfg.noise_offset, model.noise_scheduler.config.num_train_timesteps)
+            with accelerator.autocast():
+                loss = method.loss(latents, batch.captions, batch.loss_weights, noise, timesteps)
+            if not torch.isfinite(loss):
+                last = resolve_checkpoint(output_dir, "latest") if any((output_dir / "checkpoints").glob("step-*")) else None
+                raise TrainingDiverged(
+                    f"Training diverged at step {progress.step + 1}: the loss is {loss.item()}. "
+                    + (f"The last good checkpoint is '{last}'. " if last else "No checkpoint was written yet. ")
+                    + "Lower train.lr (or use train.mixed_precision=bf16 instead of fp16), then start again or resume from that checkpoint."
+                )
+            accelerator.backward(loss / accum)
+            step_loss += loss.item() / accum
+            progress.micro_step += 1
+            progress.batch_in_epoch += 1
+            if progress.micro_step % accum:
+                continue
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_optimizer_step()
+            progress.step += 1
+            result.final_loss = step_loss
+            if progress.step % max(cfg.log_every_steps, 1) == 0:
+                accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)
+            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=progress.epoch)
+            bar.update(1)
+            step_loss = 0.0
+            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
+                save()
+            if recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0:
+                sample()
+        if progress.batch_in_epoch >= len(batches):
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+    bar.close()
+
+    if not result.checkpoints or result.checkpoints[-1].name != f"step-{progress.step:08d}":
+        save()
+    if recipe.sample.prompts and not (recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0):
+        sample()
+    context = ExportContext(output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data)
+    result.artifacts = method.export(context)
+    accelerator.end_training()
+    elapsed = time.perf_counter() - started
+    print(f"Trained {recipe.method} for {progress.step} steps in {elapsed:.1f}s; final loss {result.final_loss:.4f}.")
+    for path in result.artifacts:
+        print(f"Wrote {path}")
+    return result
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,131 @@
+"""``method: lora`` — low-rank adapters (peft) on the UNet and optionally the text encoder.
+
+Targets follow kohya: the UNet's attention projections by default; with ``feed_forward`` also the
+transformer blocks' feed-forward layers and proj_in/proj_out; with ``conv_rank`` > 0 also the ResNet
+and up/down-sampler convolutions (LoCon) at their own rank; with ``text_encoder`` the CLIP attention
+and MLP layers at their own learning rate. The artifact is a kohya-format file (formats/kohya_lora.py).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from trainer.atomic import staged_directory
+from trainer.formats import kohya_lora
+from trainer.formats.kohya_metadata import training_metadata
+from trainer.formats.safetensors_file import DTYPES, modelspec, save_safetensors
+from trainer.methods.base import ExportContext, TrainingMethod
+
+ATTENTION = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+FEED_FORWARD = re.compile(r"(ff\.net\.0\.proj|ff\.net\.2|attentions\.\d+\.proj_in|attentions\.\d+\.proj_out)$")
+CONVOLUTIONS = re.compile(r"(resnets\.\d+\.(conv1|conv2|conv_shortcut)|downsamplers\.0\.conv|upsamplers\.0\.conv)$")
+TEXT_ENCODER = re.compile(r"layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
+
+
+def _matching(module: nn.Module, pattern: re.Pattern) -> list[str]:
+    return [name for name, child in module.named_modules() if pattern.search(name) and isinstance(child, (nn.Linear, nn.Conv2d))]
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
+    return {name: child for name, child in module.named_modules() if isinstance(child, LoraLayer)}
+
+
+class LoraMethod(TrainingMethod):
+    name = "lora"
+    formats = ("kohya", "diffusers")
+
+    def setup(self) -> None:
+        cfg, model = self.recipe.lora, self.model
+        for part in (model.unet, model.vae, model.text_encoder):
+            part.requires_grad_(False)
+        linear = _matching(model.unet, ATTENTION) + (_matching(model.unet, FEED_FORWARD) if cfg.feed_forward else [])
+        convs = _matching(model.unet, CONVOLUTIONS) if cfg.conv_rank > 0 else []
+        model.unet.add_adapter(
+            PeftLoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.alpha,
+                lora_dropout=cfg.dropout,
+                target_modules=linear + convs,
+                # Full module names, anchored, so a conv's rank never leaks onto a sibling layer.
+                rank_pattern={f"^{re.escape(n)}$": cfg.conv_rank for n in convs},
+                alpha_pattern={f"^{re.escape(n)}$": cfg.conv_alpha for n in convs},
+            )
+        )
+        if cfg.text_encoder:
+            model.text_encoder.add_adapter(
+                PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_matching(model.text_encoder, TEXT_ENCODER))
+            )
+        for part in (model.unet, model.text_encoder):
+            for layer in lora_layers(part).values():
+                for param in layer.parameters():
+                    param.requires_grad_(True)
+            for name, param in part.named_parameters():
+                param.requires_grad_("lora_" in name)
+
+    def param_groups(self) -> list[dict]:
+        groups = []
+        for part, module in self.trainable_modules().items():
+            lr = self.recipe.train.lr
+            if part == "text_encoder" and self.recipe.lora.text_encoder_lr is not None:
+                lr = self.recipe.lora.text_encoder_lr
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
+        return groups
+
+    def kohya_modules(self) -> dict[str, kohya_lora.LoraWeights]:
+        modules = {}
+        for prefix, part in ((kohya_lora.UNET_PREFIX, self.model.unet), (kohya_lora.TEXT_ENCODER_PREFIX, self.model.text_encoder)):
+            for path, layer in lora_layers(part).items():
+                modules[kohya_lora.kohya_name(prefix, path)] = kohya_lora.LoraWeights(
+                    down=layer.lora_A["default"].weight.detach().float().cpu(),
+                    up=layer.lora_B["default"].weight.detach().float().cpu(),
+                    alpha=float(layer.lora_alpha["default"]),
+                )
+        return modules
+
+    def export(self, context: ExportContext) -> list[Path]:
+        paths = []
+        if "kohya" in self.recipe.output.formats:
+            paths.append(self._export_kohya(context))
+        if "diffusers" in self.recipe.output.formats:
+            paths.append(self._export_diffusers(context))
+        return paths
+
+    def _export_kohya(self, context: ExportContext) -> Path:
+        cfg, recipe, model = self.recipe.lora, self.recipe, self.model
+        tensors = kohya_lora.to_state_dict(self.kohya_modules(), DTYPES[recipe.output.save_dtype])
+        network_args = {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha} if cfg.conv_rank else {}
+        metadata = training_metadata(
+            recipe, model, context, network_module="networks.lora", network_dim=cfg.rank, network_alpha=cfg.alpha, network_args=network_args
+        )
+        metadata.update(
+            modelspec(
+                f"{model.modelspec_architecture}/lora",
+                "diffusers",
+                recipe.output.name,
+                recipe.data.resolution,
+                model.noise_scheduler.config.prediction_type,
+                encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
+                description=recipe.output.comment,
+            )
+        )
+        return save_safetensors(context.output_dir / f"{context.name}.safetensors", tensors, metadata, with_hashes=True)
+
+    def _export_diffusers(self, context: ExportContext) -> Path:
+        from diffusers import StableDiffusionPipeline
+
+        dtype = DTYPES[self.recipe.output.save_dtype]
+        layers = {}
+        for part_name, part in (("unet_lora_layers", self.model.unet), ("text_encoder_lora_layers", self.model.text_encoder)):
+            if lora_layers(part):
+                layers[part_name] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(part).items()}
+        directory = context.output_dir / f"{context.name}_diffusers"
+        with staged_directory(directory) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
+        return directory

@@ -1,0 +1,41 @@
+"""Optimizers and learning-rate schedules named in ``train.*``."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.errors import UserError
+from trainer.recipe import TrainConfig
+
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+
+
+def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise UserError("train.optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU. On CPU use train.optimizer=adamw.")
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy estimates the step size itself; train.lr is a multiplier on it (1.0 is the usual value).
+        return Prodigy(param_groups, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=cfg.weight_decay)
+    raise UserError(f"Recipe key 'train.optimizer' is '{cfg.optimizer}'; use one of {', '.join(OPTIMIZERS)}.")
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    from diffusers.optimization import SchedulerType, get_scheduler
+
+    names = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler not in names:
+        raise UserError(f"Recipe key 'train.lr_scheduler' is '{cfg.lr_scheduler}'; use one of {', '.join(names)}.")
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps)

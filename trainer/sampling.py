@@ -1,0 +1,67 @@
+"""Sample images during training, with the prompt and seed in each PNG's metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from trainer.atomic import write_file
+from trainer.models.loading import BaseModel
+from trainer.recipe import Recipe
+
+
+def sampling_pipeline(model: BaseModel, device: torch.device):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    # DDIM inherits clip_sample=True from DDPM's defaults; SD latents must not be clipped.
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        unet=model.unet,
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, device: torch.device) -> list[Path]:
+    """One PNG per prompt, seeded; leaves every training RNG and module mode as it found them."""
+    cfg = recipe.sample
+    width = cfg.width or recipe.data.resolution
+    height = cfg.height or recipe.data.resolution
+    pipe = sampling_pipeline(model, device)
+    modes = {m: m.training for m in (model.unet, model.text_encoder, model.vae)}
+    paths = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        for module in modes:
+            module.eval()
+        for index, prompt in enumerate(cfg.prompts):
+            generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
+            image = pipe(
+                prompt,
+                negative_prompt=cfg.negative_prompt or None,
+                width=width,
+                height=height,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance_scale,
+                generator=generator,
+                clip_skip=recipe.model.clip_skip - 1 or None,
+            ).images[0]
+            info = PngInfo()
+            for key, value in (("prompt", prompt), ("negative_prompt", cfg.negative_prompt), ("seed", cfg.seed + index), ("steps", cfg.steps), ("guidance_scale", cfg.guidance_scale), ("training_step", step), ("sampler", "DDIM")):
+                info.add_text(key, str(value))
+            # A1111-style "parameters" text so the image's settings show up in the UIs' PNG info.
+            info.add_text("parameters", f"{prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {cfg.steps}, Sampler: DDIM, CFG scale: {cfg.guidance_scale}, Seed: {cfg.seed + index}, Size: {width}x{height}")
+            path = directory / f"step-{step:08d}-{index:02d}.png"
+            write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+            paths.append(path)
+    for module, was_training in modes.items():
+        module.train(was_training)
+    return paths
