@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 from trainer.errors import UserError
 
@@ -69,18 +68,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, optional backends) buries the messages that matter to a user."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Nothing may reach for the network: the toolkit is offline-first.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     try:
         return args.run(args)
     except UserError as err:
         if args.debug:
             raise
-        print("error: " + textwrap.fill(str(err), width=100, subsequent_indent="       "), file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return err.exit_code
 
 

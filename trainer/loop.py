@@ -66,7 +66,10 @@ def _check_recipe(recipe: Recipe) -> None:
 def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
     """Frozen parts in the compute dtype, trained parameters in fp32 (mixed precision's master weights)."""
     for part in (model.unet, model.vae, model.text_encoder):
-        part.to(device, dtype=weight_dtype).eval()
+        part.to(device)
+        if part.dtype != weight_dtype:
+            part.to(dtype=weight_dtype)
+        part.eval()
     trainable = []
     for module in method.trainable_modules().values():
         module.train()
@@ -101,8 +104,6 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
         print(f"warning: {warning}")
-    if checkpoint and checkpoint.state["data_fingerprint"] != data.fingerprint:
-        print("warning: the data changed since the checkpoint was written; the resumed run will not match an uninterrupted one.")
 
     mixed_precision = _mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
@@ -115,8 +116,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
 
     model = load_base_model(recipe.model.base, recipe.model.config, recipe.model.prediction_type, recipe.model.allow_unsafe_pickle)
     method = method_cls(recipe, model)
-    method.setup()
     device = accelerator.device
+    data = method.prepare_data(data, device)
+    if checkpoint and checkpoint.state["data_fingerprint"] != data.fingerprint:
+        print("warning: the data changed since the checkpoint was written; the resumed run will not match an uninterrupted one.")
+    method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
     optimizer = build_optimizer(method.param_groups(), cfg)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)

@@ -17,6 +17,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from trainer.errors import UserError
+from trainer.methods import check_method_name
 from trainer.methods.lora.config import LoraConfig
 
 
@@ -51,7 +52,7 @@ class SubsetConfig:
 @dataclass
 class BucketConfig:
     enabled: bool = True
-    min_side: int = 32
+    min_side: int = 256
     max_side: int = 1024
     step: int = 64
     # Never upscale: shrink to the resolution's area at most, floor each side to the step.
@@ -144,12 +145,13 @@ class Recipe:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-def _closest_key(node: Any, key: str) -> str:
+def _closest_key(node: Any, parent_path: str, key: str) -> str:
     if isinstance(node, DictConfig):
+        prefix = f"{parent_path}." if parent_path else ""
         matches = difflib.get_close_matches(key, [str(k) for k in node.keys()], n=1, cutoff=0.5)
         if matches:
-            return f" Did you mean '{matches[0]}'?"
-        return " Valid keys here: " + ", ".join(str(k) for k in node.keys()) + "."
+            return f" Did you mean '{prefix}{matches[0]}'?"
+        return " Valid keys here: " + ", ".join(f"{prefix}{k}" for k in node.keys()) + "."
     return ""
 
 
@@ -158,7 +160,7 @@ def _explain(error: OmegaConfBaseException, schema: DictConfig, source: str) -> 
     if isinstance(error, ConfigKeyError) and full_key:
         parent_path, _, key = full_key.rpartition(".")
         parent = OmegaConf.select(schema, parent_path) if parent_path else schema
-        hint = _closest_key(parent, key)
+        hint = _closest_key(parent, parent_path, key)
         return UserError(f"{source}: unknown recipe key '{full_key}'.{hint} Fix or remove the key.")
     if isinstance(error, ValidationError) and full_key:
         expected = getattr(error, "ref_type", None) or getattr(error, "object_type", None)
@@ -213,6 +215,7 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
             raise _explain(err, schema, source) from None
     if OmegaConf.is_missing(merged, "method"):
         raise UserError(f"{path}: the recipe has no 'method' key. Add e.g. 'method: lora' at the top.")
+    check_method_name(merged.method)
     for index, subset in enumerate(merged.data.subsets):
         if OmegaConf.is_missing(subset, "dir"):
             raise UserError(f"{path}: data.subsets[{index}] has no 'dir'. Give each subset the folder of its images.")

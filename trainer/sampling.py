@@ -12,11 +12,20 @@ from trainer.models.loading import BaseModel
 from trainer.recipe import Recipe
 
 
-def sampling_pipeline(model: BaseModel, device: torch.device):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def sampling_scheduler(noise_scheduler_config):
+    """DDIM with SD's sampling settings.
 
-    # DDIM inherits clip_sample=True from DDPM's defaults; SD latents must not be clipped.
-    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    DDIM inherits clip_sample=True from DDPM's defaults; SD latents must not be clipped.
+    """
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def sampling_pipeline(model: BaseModel, device: torch.device):
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = sampling_scheduler(model.noise_scheduler.config)
     pipe = StableDiffusionPipeline(
         unet=model.unet,
         vae=model.vae,

@@ -13,10 +13,14 @@ METHODS = {
 }
 
 
-def method_class(name: str):
+def check_method_name(name: str) -> None:
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(f"Recipe key 'method' is '{name}', which is not a known method.{hint} Known methods: {', '.join(METHODS)}.")
+
+
+def method_class(name: str):
+    check_method_name(name)
     module, _, cls = METHODS[name].partition(":")
     return getattr(importlib.import_module(module), cls)

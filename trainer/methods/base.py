@@ -52,6 +52,13 @@ class TrainingMethod:
         """Loss weight of regularisation (is_reg) images; prior-preservation methods override it."""
         return 1.0
 
+    def prepare_data(self, data, device: torch.device):
+        """Last chance to complete the data with the base model at hand (e.g. generate class images).
+
+        Returns the TrainingData to train on; the default keeps ``data``.
+        """
+        return data
+
     # --- which parameters train -------------------------------------------------------------
     def setup(self) -> None:
         """Freeze the base model and add or unfreeze what this method trains."""

@@ -138,16 +138,17 @@ def load_base_model(base: str, config: str | None = None, prediction_type: str =
 
 def save_diffusers_folder(model: BaseModel, directory: Path) -> None:
     """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from trainer.atomic import staged_directory
+    from trainer.sampling import sampling_scheduler
 
     pipe = StableDiffusionPipeline(
         unet=model.unet,
         vae=model.vae,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
-        scheduler=DDIMScheduler.from_config(model.noise_scheduler.config, clip_sample=False, set_alpha_to_one=False),
+        scheduler=sampling_scheduler(model.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict
+from peft import get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -59,8 +59,10 @@ class LoraMethod(TrainingMethod):
             )
         )
         if cfg.text_encoder:
-            model.text_encoder.add_adapter(
-                PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_matching(model.text_encoder, TEXT_ENCODER))
+            # peft directly: transformers' own add_adapter demands a newer peft than PyPI has.
+            inject_adapter_in_model(
+                PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_matching(model.text_encoder, TEXT_ENCODER)),
+                model.text_encoder,
             )
         for part in (model.unet, model.text_encoder):
             for layer in lora_layers(part).values():

@@ -1,0 +1,14 @@
+"""The caption/tag data loader all trainers share: kohya folders and subsets, captions with seeded
+tag shuffling and dropout, aspect-ratio buckets, and a latent cache.
+
+    data = TrainingData(recipe.data, seed=..., batch_size=...)
+    for sample_indices in data.epoch_batches(epoch):
+        batch = data.load_batch(sample_indices, epoch)
+        latents = cache.latents(batch, encode)
+"""
+
+from trainer.data.cache import LatentCache, vae_fingerprint
+from trainer.data.dataset import Batch, TrainingData
+from trainer.data.scan import Item
+
+__all__ = ["Batch", "Item", "LatentCache", "TrainingData", "vae_fingerprint"]

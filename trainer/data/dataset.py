@@ -1,0 +1,229 @@
+"""``TrainingData``: the one caption/image loader every trainer shares.
+
+Everything an epoch does is a pure function of (items, seed, epoch, batch size): which samples form
+which batch, batch order, flips, and every caption's shuffle and dropout. A resumed run therefore
+sees exactly the batches and captions the interrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from trainer.data.buckets import Size
+from trainer.data.captions import process_caption, tag_frequency
+from trainer.data.scan import Item, scan
+from trainer.data.seeding import seeded_rng, stable_shuffle
+from trainer.data.sources import Problem
+from trainer.errors import UserError
+from trainer.recipe import DataConfig
+
+# Part of every cache key: bump it when the pixel pipeline (resampling, compositing) changes, so latents
+# cached by an older version are not reused for pixels it would no longer produce.
+PIXEL_PIPELINE_VERSION = "p1"
+_MAX_LISTED = 10
+_loader: ThreadPoolExecutor | None = None
+
+
+def _loader_pool() -> ThreadPoolExecutor:
+    """Threads for decoding a batch's images side by side (PIL releases the GIL while decoding)."""
+    global _loader
+    if _loader is None:
+        _loader = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sdtrain-images")
+    return _loader
+
+
+def _user_error(fatal: list[Problem]) -> UserError:
+    if len(fatal) == 1:
+        return UserError(fatal[0].text())
+    listed = "\n".join(f"- {problem.text()}" for problem in fatal[:_MAX_LISTED])
+    more = f"\n- ... and {len(fatal) - _MAX_LISTED} more" if len(fatal) > _MAX_LISTED else ""
+    return UserError(
+        f"The data has {len(fatal)} problems that stop training:\n{listed}{more}\n"
+        f"Run `sdtrain data inspect` on the recipe or data folder to list every problem at once."
+    )
+
+
+def _rgb_on_white(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited on white (black would leak dark fringes into training)."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_pixels(item: Item, flipped: bool) -> torch.Tensor:
+    """One image as a float32 [3, H, W] tensor in [-1, 1]: EXIF-rotated, RGB on white, scaled to cover
+    its bucket, centre-cropped, mirrored if ``flipped``."""
+    data = item.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != item.content_hash:
+        # Its cache key still names the old bytes; carrying on would file new latents under it.
+        raise UserError(
+            f"Image '{item.path}' changed on disk after training started. Restart (or resume) the run so the data "
+            f"is scanned again; don't edit the dataset while a run is using it."
+        )
+    with Image.open(io.BytesIO(data)) as opened:
+        image = _rgb_on_white(ImageOps.exif_transpose(opened))
+    if image.size != item.resized:
+        image = image.resize(item.resized, Image.Resampling.LANCZOS)
+    image = image.crop(item.crop_ltrb)
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class Batch:
+    """Samples of one bucket, with their processed captions. Pixels load only when asked for, so a
+    batch whose latents are all cached never touches the image files."""
+
+    def __init__(self, items: list[Item], sample_indices: list[int], captions: list[str], flipped: list[bool],
+                 loss_weights: torch.Tensor, cache_keys: list[str], size: Size):
+        self.items = items
+        self.sample_indices = sample_indices
+        self.captions = captions
+        self.flipped = flipped
+        self.loss_weights = loss_weights
+        self.cache_keys = cache_keys
+        self.size = size
+        self._pixels: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pixel_values(self, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """float32 [B, 3, H, W] in [-1, 1]; ``positions`` picks rows (the latent cache loads only its misses)."""
+        positions = list(range(len(self.items)) if positions is None else positions)
+        todo = [position for position in dict.fromkeys(positions) if position not in self._pixels]
+        loaded = _loader_pool().map(lambda position: load_pixels(self.items[position], self.flipped[position]), todo)
+        self._pixels.update(zip(todo, loaded))
+        return torch.stack([self._pixels[position] for position in positions])
+
+
+class TrainingData:
+    """The images, captions and buckets of a recipe's ``data`` section, scanned and checked up front.
+
+    Raises ``UserError`` listing every problem that stops training (missing or empty folders, corrupt or
+    too-small images, non-UTF-8 captions, bad settings); non-fatal findings are in ``warnings``.
+    A *sample* is one item repeated: item i appears ``items[i].repeats`` times per epoch (kohya).
+
+    For the kohya ``ss_*`` metadata: ``num_train_images`` / ``num_reg_images`` (counted with repeats,
+    as kohya does), ``tag_frequency``, ``dataset_dirs`` (train folders) and ``reg_dataset_dirs``,
+    ``bucket_info``, ``batches_per_epoch``. ``fingerprint`` changes whenever the data or the caption
+    settings do, so a resume can refuse to continue on different data.
+    """
+
+    def __init__(self, cfg: DataConfig, *, seed: int, batch_size: int, reg_loss_weight: float = 1.0):
+        if batch_size < 1:
+            raise UserError(f"train.batch_size is {batch_size}; it must be at least 1.")
+        result = scan(cfg)
+        if result.fatal:
+            raise _user_error(result.fatal)
+        self.cfg = cfg
+        self.seed = seed
+        self.batch_size = batch_size
+        self.reg_loss_weight = reg_loss_weight
+        self.subsets = result.subsets
+        self.bucket_plan = result.plan  # the effective bucket settings (min/max side rounded to the step)
+        self.items: list[Item] = result.items
+        self.warnings: list[str] = [problem.text() for problem in result.problems]
+
+        self._sample_item = [index for index, item in enumerate(self.items) for _ in range(item.repeats)]
+        self._bucket_samples: dict[Size, list[int]] = {}
+        for sample, index in enumerate(self._sample_item):
+            self._bucket_samples.setdefault(self.items[index].bucket, []).append(sample)
+        self._bucket_samples = dict(sorted(self._bucket_samples.items()))
+        self.batches_per_epoch = sum(-(-len(samples) // batch_size) for samples in self._bucket_samples.values())
+
+        configured = {subset.name: subset.repeats for subset in self.subsets}
+        # kohya's ss_num_train_images / ss_num_reg_images count repeats (reg: as configured, before balancing).
+        self.num_train_images = sum(item.repeats for item in self.items if not item.is_reg)
+        self.num_reg_images = sum(configured[item.subset] for item in self.items if item.is_reg)
+        self.tag_frequency = {
+            subset.name: tag_frequency((item.caption for item in self.items if item.subset == subset.name), cfg.tag_separator)
+            for subset in self.subsets
+        }
+        self.dataset_dirs = self._dirs(is_reg=False)
+        self.reg_dataset_dirs = self._dirs(is_reg=True)
+        self.bucket_info = self._bucket_info(result.plan.resolutions)
+        self.fingerprint = self._fingerprint()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._sample_item)
+
+    def _dirs(self, is_reg: bool) -> dict[str, dict[str, int]]:
+        return {
+            subset.name: {"n_repeats": subset.repeats, "img_count": sum(1 for item in self.items if item.subset == subset.name)}
+            for subset in self.subsets if subset.is_reg == is_reg
+        }
+
+    def _bucket_info(self, predefined: list[Size]) -> dict:
+        """kohya's bucket_info: indices into the bucket list (the used sizes when there is no predefined
+        list), sample counts with repeats, and the mean |aspect-ratio error| over the images in use."""
+        resolutions = predefined or sorted(self._bucket_samples)
+        buckets = {
+            index: {"resolution": list(reso), "count": len(self._bucket_samples[reso])}
+            for index, reso in enumerate(resolutions) if reso in self._bucket_samples
+        }
+        used = [abs(item.ar_error) for item in self.items if item.repeats > 0]
+        return {"buckets": buckets, "mean_img_ar_error": float(np.mean(used)) if used else 0.0}
+
+    def _fingerprint(self) -> str:
+        """What a resume must find unchanged. Paths are relative to their subset folder, so moving the
+        dataset folder does not count as a change, but editing an image or a caption does."""
+        cfg = self.cfg
+        payload = {
+            "pipeline": PIXEL_PIPELINE_VERSION,
+            "items": [
+                [item.subset, item.relative_path, item.content_hash, item.caption, item.repeats, item.is_reg,
+                 list(item.bucket), list(item.resized), list(item.crop_ltrb)]
+                for item in self.items
+            ],
+            "captions": [cfg.trigger_word, cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_separator, cfg.caption_dropout, cfg.tag_dropout],
+            "flip": cfg.flip,
+        }
+        return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """kohya's bucket batching: each bucket's samples shuffled and cut into batches (the last may be
+        short), then the order of all batches shuffled, all from (seed, epoch)."""
+        rng = seeded_rng(self.seed, epoch, "batches")
+        batches: list[list[int]] = []
+        for samples in self._bucket_samples.values():
+            order = list(samples)
+            stable_shuffle(order, rng)
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        stable_shuffle(batches, rng)
+        return batches
+
+    def load_batch(self, sample_indices: list[int], epoch: int) -> Batch:
+        items = [self.items[self._sample_item[sample]] for sample in sample_indices]
+        sizes = {item.bucket for item in items}
+        if len(sizes) != 1:
+            raise ValueError(f"load_batch needs samples of one bucket (use epoch_batches); got buckets {sorted(sizes)}")
+        captions, flipped, keys = [], [], []
+        for sample, item in zip(sample_indices, items):
+            # Separate streams per purpose, so turning on e.g. tag shuffling does not change the flips.
+            flip = self.cfg.flip and seeded_rng(self.seed, epoch, sample, "flip").random() < 0.5
+            captions.append(process_caption(item.caption, self.cfg, seeded_rng(self.seed, epoch, sample, "caption")))
+            flipped.append(flip)
+            keys.append(self.cache_key(item, flip))
+        weights = torch.tensor([self.reg_loss_weight if item.is_reg else 1.0 for item in items], dtype=torch.float32)
+        return Batch(items, list(sample_indices), captions, flipped, weights, keys, sizes.pop())
+
+    @staticmethod
+    def cache_key(item: Item, flipped: bool) -> str:
+        """Everything that decides the pixels: the file bytes, the resize and crop, the flip, the pipeline."""
+        (bw, bh), (rw, rh) = item.bucket, item.resized
+        crop = ".".join(str(v) for v in item.crop_ltrb)
+        return f"{PIXEL_PIPELINE_VERSION}-{item.content_hash}-{bw}x{bh}-r{rw}x{rh}-c{crop}-{'flip' if flipped else 'noflip'}"
