@@ -96,11 +96,12 @@ class LatentCache:
         self.hits += len(batch) - len(missing)
         self.misses += len(missing)
         device = torch.device("cpu")
-        if missing:
-            encoded = encode(batch.pixel_values(missing))
+        for i in missing:
+            # One image at a time: a convolution's float result can depend on the batch it ran in,
+            # and a cached latent must not depend on which images happened to share its first batch.
+            encoded = encode(batch.pixel_values([i]))
             device = encoded.device
-            for row, i in enumerate(missing):
-                latent = encoded[row].detach().to("cpu", torch.float32).contiguous()
-                self._store(entries[i], batch.cache_keys[i], latent)
-                found[i] = latent
+            latent = encoded[0].detach().to("cpu", torch.float32).contiguous()
+            self._store(entries[i], batch.cache_keys[i], latent)
+            found[i] = latent
         return torch.stack(found).to(device)  # type: ignore[arg-type]  # no None left

@@ -1,0 +1,110 @@
+"""Resume is exact: a run stopped at step k and resumed ends with the same weights as one never stopped.
+
+The runs use the tag dataset with shuffling, tag dropout and flips, gradient accumulation, a cosine
+schedule and LoRA dropout, so every source of randomness a resume must restore is exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, fast_overrides
+from trainer.checkpoint import resolve_checkpoint
+from trainer.loop import TrainingDiverged, train
+from trainer.recipe import load_recipe
+
+RECIPE = REPO / "recipes" / "tags_finetune_lora.yaml"
+
+
+def _overrides(out):
+    return fast_overrides(
+        out,
+        **{
+            "data.dir": str(REPO / "datasets" / "tagged_example"),
+            "train.max_steps": 12,
+            "train.batch_size": 2,
+            "train.gradient_accumulation_steps": 2,
+            "train.lr_scheduler": "cosine",
+            "train.save_every_steps": 4,
+            "train.keep_checkpoints": 10,
+            "lora.dropout": 0.1,
+            "lora.rank": 4,
+            "output.formats": "[kohya]",
+        },
+    )
+
+
+def _final_weights(out):
+    return load_file(resolve_checkpoint(out, "latest") / "trainable.safetensors")
+
+
+def _assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(load_recipe(RECIPE, _overrides(out)), show_progress=False)
+    return out
+
+
+def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path):
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+    result = train(load_recipe(RECIPE, _overrides(out)), resume="latest", show_progress=False)
+    _assert_identical(_final_weights(out), _final_weights(uninterrupted))
+    _assert_identical(load_file(result.artifacts[0]), load_file(uninterrupted / "tagged_lora.safetensors"))
+    # Training really moved the weights, so the equality above is not trivially true.
+    start = load_file(uninterrupted / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    assert any(not torch.equal(start[k], v) for k, v in _final_weights(out).items())
+
+
+def test_run_killed_mid_training_resumes_from_last_checkpoint(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "trainer.cli", "train", str(RECIPE), *_overrides(out), "--quiet"]
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-00000004" / "state.json").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "the run wrote no checkpoint in time"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "tagged_lora.safetensors").exists(), "the run finished before it was killed"
+    resumed_from = resolve_checkpoint(out, "latest")
+    train(load_recipe(RECIPE, _overrides(out)), resume="latest", show_progress=False)
+    assert resumed_from.name in {"step-00000004", "step-00000008"}
+    _assert_identical(_final_weights(out), _final_weights(uninterrupted))
+
+
+def test_latest_skips_incomplete_checkpoints(uninterrupted, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(uninterrupted / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000004")
+    # What a crash leaves: a staged folder never renamed, and a folder without its state.json.
+    (out / "checkpoints" / ".step-00000008.abc.partial").mkdir()
+    (out / "checkpoints" / "step-00000012").mkdir()
+    assert resolve_checkpoint(out, "latest").name == "step-00000004"
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
+    # An absurd learning rate blows the LoRA weights up after the first update.
+    recipe = load_recipe(REPO / "recipes" / "sls_frog_lora.yaml", fast_overrides(tmp_path, **{"train.lr": 1e30, "train.max_grad_norm": 0, "train.min_snr_gamma": "null", "train.save_every_steps": 1, "train.max_steps": 20}))
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: the loss is (nan|inf).*step-0000000\d"):
+        train(recipe, show_progress=False)
+    last = resolve_checkpoint(tmp_path, "latest")
+    assert all(torch.isfinite(t).all() for t in load_file(last / "trainable.safetensors").values())
+    assert not (tmp_path / "sls_frog.safetensors").exists()
