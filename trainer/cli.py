@@ -37,7 +37,7 @@ def _base(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from trainer.data.inspect import inspect_report
 
-    print(inspect_report(args.target))
+    print(inspect_report(args.target, resolution=args.resolution))
     return 0
 
 
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", parents=[common], help="images, repeats, captions, buckets, tag frequencies and problems")
     inspect.add_argument("target", help="a dataset folder or a recipe")
+    inspect.add_argument("--resolution", type=int, help="training resolution to check buckets against (default: the recipe's, or 512 for a folder)")
     inspect.set_defaults(run=_inspect)
     return parser
 

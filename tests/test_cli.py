@@ -1,0 +1,61 @@
+"""The command line as a user meets it: base models, inspection, and bad input in one clear paragraph."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, fast_overrides
+from trainer.cli import main
+
+RECIPE = str(REPO / "recipes" / "sls_frog_lora.yaml")
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tiny_base_folder_trains_as_a_diffusers_base(tmp_path, capsys):
+    code, out, _ = _run(capsys, "base", "tiny", str(tmp_path / "tiny"))
+    assert code == 0 and (tmp_path / "tiny" / "model_index.json").is_file()
+    code, out, err = _run(capsys, "train", RECIPE, *fast_overrides(tmp_path / "out", **{"model.base": str(tmp_path / "tiny"), "train.max_steps": 2}), "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "out" / "sls_frog.safetensors").is_file()
+
+
+def test_data_inspect_lists_subsets_and_tags(capsys):
+    code, out, _ = _run(capsys, "data", "inspect", str(REPO / "datasets" / "tagged_example"), "--resolution", "128")
+    assert code == 0
+    assert "5_tagged" in out and "sls frog (6)" in out
+
+
+@pytest.mark.parametrize(
+    "setup, overrides, expected",
+    [
+        ("none", {"data.dir": "{tmp}/missing"}, "missing"),
+        ("empty", {"data.dir": "{tmp}/empty"}, "empty"),
+        ("corrupt", {"data.dir": "{tmp}/corrupt"}, "broken.png"),
+        ("small", {"data.dir": "{tmp}/small"}, "tiny.png"),
+        ("badbase", {"model.base": "{tmp}/model.safetensors"}, "model.safetensors"),
+        ("none", {"model.base": "{tmp}/nowhere"}, "model.base"),
+        ("none", {"train.optimizer": "sgd"}, "train.optimizer"),
+    ],
+)
+def test_bad_input_is_one_paragraph_exit_2(tmp_path, capsys, setup, overrides, expected):
+    if setup == "empty":
+        (tmp_path / "empty" / "10_frog").mkdir(parents=True)
+    if setup == "corrupt":
+        (tmp_path / "corrupt" / "10_frog").mkdir(parents=True)
+        (tmp_path / "corrupt" / "10_frog" / "broken.png").write_bytes(b"\x89PNG not really")
+    if setup == "small":
+        (tmp_path / "small" / "10_frog").mkdir(parents=True)
+        Image.new("RGB", (20, 20), "green").save(tmp_path / "small" / "10_frog" / "tiny.png")
+    if setup == "badbase":
+        (tmp_path / "model.safetensors").write_text("this is not a checkpoint")
+    values = {key: value.format(tmp=tmp_path) if isinstance(value, str) else value for key, value in overrides.items()}
+    code, _, err = _run(capsys, "train", RECIPE, *fast_overrides(tmp_path / "out", **{"train.max_steps": 1, **values}), "--quiet")
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1
