@@ -389,3 +389,12 @@ def test_bad_settings_name_their_key(tmp_path):
     assert "data.buckets.min_side" in error_of(DataConfig(dir=str(tmp_path), resolution=128, buckets=BucketConfig(min_side=256)))
     with pytest.raises(UserError, match="train.batch_size"):
         TrainingData(small_cfg(dir=str(tmp_path)), seed=0, batch_size=0)
+
+
+def test_unset_bucket_sides_follow_the_resolution_like_kohyas_defaults():
+    from trainer.data.buckets import BucketPlan
+
+    at_512 = BucketPlan(DataConfig(resolution=512))
+    assert (at_512.min_side, at_512.max_side) == (256, 1024)
+    at_128 = BucketPlan(DataConfig(resolution=128))
+    assert (at_128.min_side, at_128.max_side) == (64, 256) and not at_128.problems

@@ -52,8 +52,9 @@ class SubsetConfig:
 @dataclass
 class BucketConfig:
     enabled: bool = True
-    min_side: int = 256
-    max_side: int = 1024
+    # Unset: half and double data.resolution (kohya's 256 and 1024 at 512).
+    min_side: Optional[int] = None
+    max_side: Optional[int] = None
     step: int = 64
     # Never upscale: shrink to the resolution's area at most, floor each side to the step.
     no_upscale: bool = False

@@ -84,21 +84,24 @@ class BucketPlan:
                 f"gives more buckets). Fix data.buckets.step."
             )
             return
+        # Unset sides follow the resolution as kohya's defaults do at 512 (256..1024): half and double.
+        min_side = buckets.min_side if buckets.min_side is not None else cfg.resolution // 2
+        max_side = buckets.max_side if buckets.max_side is not None else cfg.resolution * 2
         # Like kohya, the range is widened to whole steps; a min_side under one step simply means "one step".
-        self.min_side = max(self.step, buckets.min_side // self.step * self.step)
-        self.max_side = -(-buckets.max_side // self.step) * self.step
-        if buckets.min_side >= self.step and self.min_side != buckets.min_side:
-            self.warnings.append(f"data.buckets.min_side {buckets.min_side} is used as {self.min_side}, a multiple of data.buckets.step ({self.step}).")
-        if self.max_side != buckets.max_side:
-            self.warnings.append(f"data.buckets.max_side {buckets.max_side} is used as {self.max_side}, a multiple of data.buckets.step ({self.step}).")
+        self.min_side = max(self.step, min_side // self.step * self.step)
+        self.max_side = -(-max_side // self.step) * self.step
+        if buckets.min_side is not None and min_side >= self.step and self.min_side != min_side:
+            self.warnings.append(f"data.buckets.min_side {min_side} is used as {self.min_side}, a multiple of data.buckets.step ({self.step}).")
+        if buckets.max_side is not None and self.max_side != max_side:
+            self.warnings.append(f"data.buckets.max_side {max_side} is used as {self.max_side}, a multiple of data.buckets.step ({self.step}).")
         if self.min_side > cfg.resolution:
             self.problems.append(
-                f"data.buckets.min_side ({buckets.min_side}) is larger than data.resolution ({cfg.resolution}), so no "
+                f"data.buckets.min_side ({min_side}) is larger than data.resolution ({cfg.resolution}), so no "
                 f"bucket fits. Lower data.buckets.min_side (kohya's default is 256) or raise data.resolution."
             )
         if not self.no_upscale and self.max_side < cfg.resolution:
             self.problems.append(
-                f"data.buckets.max_side ({buckets.max_side}) is smaller than data.resolution ({cfg.resolution}). Raise "
+                f"data.buckets.max_side ({max_side}) is smaller than data.resolution ({cfg.resolution}). Raise "
                 f"data.buckets.max_side to at least {cfg.resolution} (kohya's default is 1024; 2048 for SDXL)."
             )
         if not self.no_upscale and not self.problems:
