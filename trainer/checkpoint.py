@@ -106,6 +106,8 @@ def save_checkpoint(output_dir: Path, progress: Progress, method, optimizer, lr_
         "optimizer": optimizer_plain,
         "lr_scheduler": lr_scheduler.state_dict(),
         "rng": rng_plain,
+        # CPU results are bit-identical only with the same thread count (float sums split by thread).
+        "cpu_threads": torch.get_num_threads(),
     }
     with staged_directory(target) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}, tmp / "trainable.safetensors")

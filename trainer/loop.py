@@ -38,6 +38,9 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     samples: list[Path] = field(default_factory=list)
     final_loss: float = float("nan")
+    # Wall time of each optimizer step of this run (data, forward, backward, update; not checkpoints or
+    # samples), for benchmarks.
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def _mixed_precision(setting: str) -> str:
@@ -131,6 +134,11 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         checkpoint.restore(method, optimizer, lr_scheduler)
         progress = checkpoint.progress
         print(f"Resumed from {checkpoint.path} at step {progress.step}.")
+        if device.type == "cpu" and checkpoint.state.get("cpu_threads") not in (None, torch.get_num_threads()):
+            print(
+                f"warning: the checkpoint was written with {checkpoint.state['cpu_threads']} CPU threads, this run uses "
+                f"{torch.get_num_threads()}; the result will match an uninterrupted run only to rounding. Set OMP_NUM_THREADS to match."
+            )
 
     cache = LatentCache(
         recipe.data.cache_latents,
@@ -154,7 +162,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not show_progress, unit="step", dynamic_ncols=True)
     step_loss = 0.0
-    started = time.perf_counter()
+    started = step_started = time.perf_counter()
 
     def save() -> None:
         path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, cfg.keep_checkpoints)
@@ -168,6 +176,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     while progress.step < cfg.max_steps:
         batches = data.epoch_batches(progress.epoch)
         while progress.batch_in_epoch < len(batches) and progress.step < cfg.max_steps:
+            if progress.micro_step % accum == 0:
+                step_started = time.perf_counter()
             batch = data.load_batch(batches[progress.batch_in_epoch], progress.epoch)
             generator = diffusion.step_generator(cfg.seed, progress.micro_step)
             if recipe.data.cache_latents == "none":
@@ -199,6 +209,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             optimizer.zero_grad(set_to_none=True)
             method.after_optimizer_step()
             progress.step += 1
+            result.step_seconds.append(time.perf_counter() - step_started)
             result.final_loss = step_loss
             if progress.step % max(cfg.log_every_steps, 1) == 0:
                 accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)
