@@ -65,9 +65,6 @@ class LoraMethod(TrainingMethod):
                 model.text_encoder,
             )
         for part in (model.unet, model.text_encoder):
-            for layer in lora_layers(part).values():
-                for param in layer.parameters():
-                    param.requires_grad_(True)
             for name, param in part.named_parameters():
                 param.requires_grad_("lora_" in name)
 
