@@ -1,0 +1,145 @@
+"""Textual Inversion embeddings as the UIs read them (../shared/reference/formats.md 3, kohya.md 2.3).
+
+Every format stores the vectors 2-D, ``[n_vectors, dim]`` (dim 768 for SD1, 1024 for SD2):
+
+- ``a1111``: ``{"emb_params": vectors}`` as ``.safetensors`` (kohya's layout). AUTOMATIC1111 and ComfyUI
+  accept any single-tensor file and take the prompt word from the file name; diffusers needs ``token=``.
+- ``a1111_pt``: AUTOMATIC1111's own pickle, ``{"string_to_token", "string_to_param": {"*": vectors},
+  "name", "step", "sd_checkpoint", "sd_checkpoint_name"}``, in torch's legacy (non-zip) serialisation:
+  AUTOMATIC1111's safe unpickler rejects the extra members of torch's zip format (formats.md 3.3), and
+  ``torch.load(weights_only=True)`` (ComfyUI, diffusers) reads both. diffusers takes the token from ``name``.
+- ``diffusers``: ``{token: vectors}`` as ``learned_embeds.safetensors``, what diffusers' own training
+  script writes; ``load_textual_inversion`` takes the token from the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from trainer.atomic import write_file
+from trainer.errors import UserError
+from trainer.formats.safetensors_file import iso_now, modelspec, read_metadata, save_safetensors
+
+EMB_PARAMS = "emb_params"
+# AUTOMATIC1111 always writes this (the id of "*" in CLIP's vocabulary); no loader reads it.
+A1111_STRING_TO_TOKEN = {"*": 265}
+DIFFUSERS_FILE_NAME = "learned_embeds.safetensors"
+# Kohya's implementation id for Textual Inversion files (kohya.md 2.2).
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+@dataclass
+class Embedding:
+    """An embedding read from any of the formats."""
+
+    vectors: torch.Tensor  # [n_vectors, dim]
+    token: str | None  # the word the file names, if it names one (A1111 .pt "name", diffusers key)
+    metadata: dict
+
+
+def _plain(vectors: torch.Tensor) -> torch.Tensor:
+    if vectors.dim() != 2:
+        raise ValueError(f"embedding vectors must be [n_vectors, dim], got shape {tuple(vectors.shape)}")
+    # A plain, contiguous CPU tensor: no Parameter class or autograd state ends up in a pickle.
+    return vectors.detach().cpu().contiguous().clone()
+
+
+def save_a1111_safetensors(path: Path, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
+    return save_safetensors(path, {EMB_PARAMS: _plain(vectors)}, metadata)
+
+
+def save_a1111_pt(path: Path, vectors: torch.Tensor, *, name: str, step: int, sd_checkpoint_name: str, sd_checkpoint: str | None = None) -> Path:
+    """AUTOMATIC1111's ``Embedding.save`` layout; ``sd_checkpoint`` is the base model's short hash when known."""
+    payload = {
+        "string_to_token": dict(A1111_STRING_TO_TOKEN),
+        "string_to_param": {"*": _plain(vectors)},
+        "name": name,
+        "step": step,
+        "sd_checkpoint": sd_checkpoint,
+        "sd_checkpoint_name": sd_checkpoint_name,
+    }
+    return write_file(path, lambda tmp: torch.save(payload, tmp, _use_new_zipfile_serialization=False))
+
+
+def save_diffusers(path: Path, token: str, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:
+    return save_safetensors(path, {token: _plain(vectors)}, metadata)
+
+
+def _single_tensor(tensors: dict, path: Path) -> tuple[str, torch.Tensor]:
+    if len(tensors) != 1:
+        raise UserError(
+            f"'{path}' holds {len(tensors)} tensors ({', '.join(sorted(map(str, tensors))[:4])}); an SD1/SD2 embedding holds one. "
+            "SDXL embeddings (clip_l + clip_g) are not supported."
+        )
+    key, value = next(iter(tensors.items()))
+    return key, value
+
+
+def read_embedding(path: Path) -> Embedding:
+    """Read an embedding in any of the three formats (``.pt``/``.bin`` only with ``weights_only=True``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            key, vectors = _single_tensor(load_file(path), path)
+        except SafetensorError as err:
+            raise UserError(f"'{path}' is not a readable safetensors file ({err}).") from None
+        token = None if key == EMB_PARAMS else key
+        metadata = read_metadata(path)
+    else:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for a refused or broken pickle
+            raise UserError(f"'{path}' cannot be read as an embedding with torch.load(weights_only=True) ({err.__class__.__name__}).") from None
+        if isinstance(content, dict) and "string_to_param" in content:
+            _, vectors = _single_tensor(content["string_to_param"], path)
+            token = content.get("name")
+            metadata = {key: content.get(key) for key in ("step", "sd_checkpoint", "sd_checkpoint_name")}
+        elif isinstance(content, dict):
+            key, vectors = _single_tensor(content, path)
+            token, metadata = (None if key == EMB_PARAMS else key), {}
+        else:
+            raise UserError(f"'{path}' holds a {type(content).__name__}, not an embedding dictionary.")
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    return Embedding(vectors=vectors, token=token, metadata=metadata)
+
+
+def embedding_metadata(recipe, model, context) -> dict[str, str]:
+    """Header metadata of the safetensors files: base model, steps, how the embedding was made, and ModelSpec."""
+    ti = recipe.textual_inversion
+    values = {
+        "ss_sd_model_name": model.name,
+        "ss_base_model_version": model.version,
+        "ss_v2": model.is_v2,
+        "ss_steps": context.step,
+        "ss_epoch": context.epoch,
+        "ss_max_train_steps": recipe.train.max_steps,
+        "ss_learning_rate": recipe.train.lr,
+        "ss_seed": recipe.train.seed,
+        "ss_training_started_at": context.started_at,
+        "ss_training_finished_at": iso_now(),
+        "ss_training_comment": recipe.output.comment,
+        "ti_placeholder": ti.placeholder,
+        "ti_num_vectors": ti.num_vectors,
+        "ti_initializer": ti.initializer,
+        "ti_captions": ti.captions,
+    }
+    metadata = {key: str(value) for key, value in values.items()}
+    metadata.update(
+        modelspec(
+            f"{model.modelspec_architecture}/textual-inversion",
+            MODELSPEC_IMPLEMENTATION,
+            recipe.output.name,
+            recipe.data.resolution,
+            model.noise_scheduler.config.prediction_type,
+            trigger_phrase=ti.placeholder,
+            encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
+            description=recipe.output.comment,
+        )
+    )
+    return metadata

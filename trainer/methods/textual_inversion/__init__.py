@@ -1,0 +1,1 @@
+"""``method: textual_inversion``: learn new token embeddings, leave the model untouched."""

@@ -1,0 +1,260 @@
+"""``method: textual_inversion`` — learn the embedding of a new word; the model itself stays frozen.
+
+``setup`` adds the placeholder's tokens to the tokenizer — ``sls_frog``, then ``sls_frog_1``, ... for
+more vectors, the names diffusers gives them, so its pipelines (our samples included) expand the
+placeholder by themselves — and gives the text encoder an embedding whose new rows live in a
+parameter of their own (``AddedTokenEmbedding``). Only that ``[n_vectors, dim]`` parameter trains, so
+every original row stays bit-identical whatever the optimizer does, the frozen table can stay in half
+precision, and checkpoints hold kilobytes. ``setup`` is deterministic, so a resumed run rebuilds the
+same tokenizer and table before the checkpoint's rows are loaded.
+
+Captions are prompt templates ("a photo of a {}") chosen per sample from (seed, epoch, sample), or
+the dataset's captions; either way the placeholder becomes all of its tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.data.captions import add_trigger_word
+from trainer.data.seeding import seeded_rng
+from trainer.errors import UserError
+from trainer.formats import textual_inversion as ti_format
+from trainer.formats.safetensors_file import DTYPES
+from trainer.methods.base import ExportContext, TrainingMethod
+
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a dark photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a photo of the small {}",
+    "a photo of the large {}",
+    "a rendition of the {}",
+    "a picture of a {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a good painting in the style of {}",
+    "a picture in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "an artwork in the style of {}",
+)
+BUILT_IN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+# The placeholder is a file name in AUTOMATIC1111 and ComfyUI (Windows forbids <>:"/\|?*), one word in
+# a prompt (no spaces or commas), and what {} in a template stands for.
+FORBIDDEN_IN_PLACEHOLDER = set('<>:"/\\|?*{},')
+
+
+def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """The tokens added for a placeholder, named as diffusers' ``load_textual_inversion`` names them."""
+    return [placeholder] + [f"{placeholder}_{index}" for index in range(1, num_vectors)]
+
+
+class AddedTokenEmbedding(nn.Module):
+    """A token embedding whose rows from ``first_added_id`` on come from a separate, trainable table.
+
+    The original table is used as is (frozen, in whatever precision the rest of the model runs in).
+    """
+
+    def __init__(self, original: nn.Embedding, first_added_id: int, initial: torch.Tensor):
+        super().__init__()
+        # Registered before ``added``: transformers reads a model's dtype from its first parameter.
+        self.original = original
+        self.added = nn.Embedding.from_pretrained(initial, freeze=False)
+        self.first_added_id = first_added_id
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_added = input_ids >= self.first_added_id
+        original = self.original(input_ids.masked_fill(is_added, 0))
+        added = self.added((input_ids - self.first_added_id).clamp(min=0))
+        return torch.where(is_added.unsqueeze(-1), added.to(original.dtype), original)
+
+
+class PlaceholderCaptions:
+    """The run's TrainingData with each batch's captions rewritten by the method; the rest is unchanged."""
+
+    def __init__(self, data, rewrite, settings: dict):
+        self._data = data
+        self._rewrite = rewrite
+        # The rewriting is part of what a resumed run must find unchanged.
+        self.fingerprint = hashlib.sha256(json.dumps([data.fingerprint, settings]).encode("utf-8")).hexdigest()
+
+    def __getattr__(self, name: str):
+        return getattr(self._data, name)
+
+    def load_batch(self, sample_indices: list[int], epoch: int):
+        batch = self._data.load_batch(sample_indices, epoch)
+        batch.captions = [self._rewrite(caption, epoch, sample) for caption, sample in zip(batch.captions, batch.sample_indices)]
+        return batch
+
+
+class TextualInversionMethod(TrainingMethod):
+    name = "textual_inversion"
+    formats = ("a1111", "a1111_pt", "diffusers")
+
+    def __init__(self, recipe, model):
+        super().__init__(recipe, model)
+        cfg = recipe.textual_inversion
+        _check_placeholder(cfg.placeholder)
+        if cfg.num_vectors < 1:
+            raise UserError(f"Recipe key 'textual_inversion.num_vectors' is {cfg.num_vectors}; it must be at least 1.")
+        self.tokens = placeholder_tokens(cfg.placeholder, cfg.num_vectors)
+        vocabulary = model.tokenizer.get_vocab()
+        for token in self.tokens:
+            _check_new_word(model.tokenizer, vocabulary, token, cfg.placeholder)
+        self.initializer_ids = _initializer_ids(model.tokenizer, cfg.initializer, cfg.num_vectors)
+        self.templates = _templates(cfg)
+        # What the placeholder becomes in a caption: all of its tokens.
+        self.prompt_words = " ".join(self.tokens)
+        self.placeholder_pattern = re.compile(rf"(?<!\w){re.escape(cfg.placeholder)}(?!\w)", re.IGNORECASE)
+        self.embedding: AddedTokenEmbedding | None = None
+
+    # --- captions -------------------------------------------------------------------------------
+    def prepare_data(self, data, device: torch.device):
+        if not self.templates:
+            self._check_captions_mention_placeholder(data)
+        settings = {"tokens": self.tokens, "templates": list(self.templates)}
+        return PlaceholderCaptions(data, self.caption_for, settings)
+
+    def caption_for(self, caption: str, epoch: int, sample: int) -> str:
+        """A template chosen per (seed, epoch, sample), or the dataset caption; the placeholder expanded."""
+        if self.templates:
+            pick = seeded_rng(self.recipe.train.seed, epoch, sample, "template").random()
+            template = self.templates[min(int(pick * len(self.templates)), len(self.templates) - 1)]
+            return template.replace("{}", self.prompt_words)
+        return self.placeholder_pattern.sub(self.prompt_words, caption)
+
+    def _check_captions_mention_placeholder(self, data) -> None:
+        placeholder = self.recipe.textual_inversion.placeholder
+        captions = [add_trigger_word(item.caption, data.cfg.trigger_word, data.cfg.tag_separator) for item in data.items if not item.is_reg]
+        missing = [caption for caption in captions if not self.placeholder_pattern.search(caption)]
+        if captions and len(missing) == len(captions):
+            raise UserError(
+                f"Recipe key 'textual_inversion.captions' is 'dataset', but no caption mentions the placeholder '{placeholder}' "
+                f"(e.g. '{missing[0]}'), so the embedding would never train. Write '{placeholder}' into the captions where they "
+                f"name the subject, set data.trigger_word: {placeholder}, or use textual_inversion.captions: object (prompt templates)."
+            )
+        if missing:
+            print(f"warning: {len(missing)} of {len(captions)} captions do not mention '{placeholder}'; their images teach the embedding nothing.")
+
+    # --- which parameters train -----------------------------------------------------------------
+    def setup(self) -> None:
+        model = self.model
+        for part in (model.unet, model.vae, model.text_encoder):
+            part.requires_grad_(False)
+        original = model.text_encoder.get_input_embeddings()
+        model.tokenizer.add_tokens(self.tokens)
+        ids = model.tokenizer.convert_tokens_to_ids(self.tokens)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise RuntimeError(f"the tokenizer gave the new tokens {self.tokens} non-consecutive ids {ids}")
+        initial = original.weight.detach()[self.initializer_ids].float().clone()
+        self.embedding = AddedTokenEmbedding(original, ids[0], initial)
+        model.text_encoder.set_input_embeddings(self.embedding)
+
+    def trained_vectors(self) -> torch.Tensor:
+        """The placeholder's vectors, ``[num_vectors, dim]`` float32."""
+        return self.embedding.added.weight.detach().float().cpu()
+
+    # --- how the artifact is written ------------------------------------------------------------
+    def export(self, context: ExportContext) -> list[Path]:
+        recipe, placeholder = self.recipe, self.recipe.textual_inversion.placeholder
+        formats = recipe.output.formats
+        vectors = self.trained_vectors().to(DTYPES[recipe.output.save_dtype])
+        metadata = ti_format.embedding_metadata(recipe, self.model, context)
+        # The UIs take the prompt word from the file name: every file is named after the placeholder.
+        paths = []
+        if "a1111" in formats:
+            paths.append(ti_format.save_a1111_safetensors(context.output_dir / f"{placeholder}.safetensors", vectors, metadata))
+        if "a1111_pt" in formats:
+            paths.append(
+                ti_format.save_a1111_pt(context.output_dir / f"{placeholder}.pt", vectors, name=placeholder, step=context.step, sd_checkpoint_name=self.model.name)
+            )
+        if "diffusers" in formats:
+            path = context.output_dir / f"{placeholder}_diffusers" / ti_format.DIFFUSERS_FILE_NAME
+            paths.append(ti_format.save_diffusers(path, placeholder, vectors, metadata))
+        return paths
+
+
+def _check_placeholder(placeholder: str) -> None:
+    if not placeholder:
+        raise UserError("Recipe key 'textual_inversion.placeholder' is empty. Set it to the made-up word the embedding is for, e.g. 'sls_frog'.")
+    bad = sorted({char for char in placeholder if char in FORBIDDEN_IN_PLACEHOLDER or char.isspace()})
+    if bad:
+        raise UserError(
+            f"Recipe key 'textual_inversion.placeholder' is '{placeholder}', which contains {''.join(bad)!r}. The placeholder is one "
+            "prompt word and the name of the exported file (AUTOMATIC1111 and ComfyUI take the prompt word from it), so it cannot "
+            'hold spaces, commas, braces or <>:"/\\|?*. Use letters, digits, _ or -, e.g. \'sls_frog\'.'
+        )
+    if placeholder != placeholder.lower():
+        raise UserError(
+            f"Recipe key 'textual_inversion.placeholder' is '{placeholder}'; use lower case ('{placeholder.lower()}'). CLIP lower-cases "
+            "every prompt, and diffusers only expands a multi-vector word it finds spelled exactly as trained."
+        )
+
+
+def _check_new_word(tokenizer, vocabulary: dict[str, int], token: str, placeholder: str) -> None:
+    """``token`` must be new: a word the tokenizer already knows would be taken over by the embedding."""
+    pieces = tokenizer.tokenize(token)
+    if token in vocabulary or len(pieces) == 1:
+        known = token if token in vocabulary else pieces[0]
+        raise UserError(
+            f"Recipe key 'textual_inversion.placeholder' is '{placeholder}', but the token '{token}' already exists in the tokenizer's "
+            f"vocabulary (as '{known}'). Adding it would pollute that existing word: every prompt that uses '{token}' in its ordinary "
+            f"meaning would get the embedding instead. Choose a made-up word the tokenizer splits into several pieces, e.g. '{placeholder}_emb'."
+        )
+
+
+def _initializer_ids(tokenizer, initializer: str, num_vectors: int) -> list[int]:
+    """One token id per vector: the initializer's tokens, the single one repeated for every vector."""
+    ids = tokenizer(initializer, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError("Recipe key 'textual_inversion.initializer' is empty. Set it to a word that describes the subject, e.g. 'frog'.")
+    if len(ids) not in (1, num_vectors):
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise UserError(
+            f"Recipe key 'textual_inversion.initializer' is '{initializer}', which the tokenizer splits into {len(ids)} tokens {pieces}, "
+            f"but textual_inversion.num_vectors is {num_vectors}: each vector starts from one token, or all from the same one. "
+            f"Use a single-token word (e.g. 'frog') or set textual_inversion.num_vectors to {len(ids)}."
+        )
+    return [ids[index % len(ids)] for index in range(num_vectors)]
+
+
+def _templates(cfg) -> tuple[str, ...]:
+    """The prompt templates of the recipe, or () when the dataset's captions are used."""
+    if cfg.captions == "dataset":
+        if cfg.templates:
+            raise UserError(
+                "Recipe keys 'textual_inversion.templates' and 'textual_inversion.captions: dataset' contradict each other: templates "
+                "replace the captions. Remove the templates, or set captions to object or style."
+            )
+        return ()
+    if cfg.captions not in BUILT_IN_TEMPLATES:
+        raise UserError(f"Recipe key 'textual_inversion.captions' is '{cfg.captions}'; use object, style or dataset.")
+    without_slot = [template for template in cfg.templates if "{}" not in template]
+    if without_slot:
+        raise UserError(
+            f"Recipe key 'textual_inversion.templates' has {len(without_slot)} template(s) without {{}}, e.g. '{without_slot[0]}'. "
+            "{} marks where the placeholder goes, e.g. 'a photo of a {}'; without it the embedding never appears in the prompt."
+        )
+    return tuple(cfg.templates) or BUILT_IN_TEMPLATES[cfg.captions]
