@@ -1,0 +1,274 @@
+"""``sdtrain bench``: steps per second and peak memory of real training runs.
+
+Each configuration (model x latent cache x gradient checkpointing) trains in its own Python process,
+so its peak memory is its own: the process's peak resident set size on CPU, the peak of
+``torch.cuda.max_memory_allocated`` on CUDA. The process runs the ordinary ``trainer.loop.train`` on a
+recipe (by default ``recipes/sls_frog_lora.yaml``, a rank-8 LoRA) whose data is replaced by one image
+of ``datasets/sls_frog`` repeated ``batch_size`` times: every epoch is then the same single batch, so
+with the cache on, the warm-up step encodes it and every timed step reads cached latents, which is the
+steady state of a real run after its first epoch. Sampling, TensorBoard and periodic checkpoints are
+off; the time of each optimizer step comes from ``TrainResult.step_seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trainer.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = REPO / "recipes" / "sls_frog_lora.yaml"
+BENCH_IMAGE = REPO / "datasets" / "sls_frog" / "10_sls frog" / "01.png"
+COLUMNS = ("model", "resolution", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory")
+# Buckets come in steps of 64 px: other resolutions would train at a smaller size than the table says.
+RESOLUTION_STEP = 64
+_FAILURE_LINES = 5
+
+
+@dataclass
+class Configuration:
+    model: str  # any model.base: tiny, random:sd1, a diffusers folder, a .safetensors file
+    recipe: str
+    dataset: str
+    output_dir: str
+    resolution: int
+    batch_size: int
+    cache_latents: bool
+    gradient_checkpointing: bool
+    warmup_steps: int
+    timed_steps: int
+
+    def overrides(self) -> list[str]:
+        values = {
+            "model.base": self.model,
+            "data.dir": self.dataset,
+            "data.subsets": "[]",
+            "data.resolution": self.resolution,
+            "data.buckets.min_side": RESOLUTION_STEP,
+            "data.buckets.max_side": self.resolution,
+            "data.buckets.step": RESOLUTION_STEP,
+            "data.cache_latents": "memory" if self.cache_latents else "none",
+            "train.batch_size": self.batch_size,
+            "train.gradient_accumulation_steps": 1,
+            "train.max_steps": self.warmup_steps + self.timed_steps,
+            "train.gradient_checkpointing": self.gradient_checkpointing,
+            "train.save_every_steps": 0,
+            "sample.every_steps": 0,
+            "sample.prompts": "[]",
+            "output.tensorboard": False,
+            "output.dir": self.output_dir,
+        }
+        return [f"{key}={value}" for key, value in values.items()]
+
+
+@dataclass
+class Measurement:
+    seconds_per_step: float
+    peak_memory_bytes: int
+    memory_kind: str  # "RSS" (CPU) or "CUDA" (torch.cuda.max_memory_allocated)
+    device: str
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"CUDA: {torch.cuda.get_device_name()}"
+    return f"CPU: {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
+
+
+def _peak_memory() -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "CUDA"
+    import resource  # Unix only; imported here so `sdtrain --help` works everywhere
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux counts ru_maxrss in KiB, macOS in bytes.
+    return (peak if sys.platform == "darwin" else peak * 1024), "RSS"
+
+
+def measure(config: Configuration) -> Measurement:
+    """Train one configuration in this process; the step time is the mean over the timed steps."""
+    from trainer.loop import train
+    from trainer.recipe import load_recipe
+
+    result = train(load_recipe(config.recipe, config.overrides()), show_progress=False)
+    timed = result.step_seconds[config.warmup_steps:]
+    peak, kind = _peak_memory()
+    return Measurement(sum(timed) / len(timed), peak, kind, _device_name())
+
+
+def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurement | str:
+    """The Measurement, or why the process failed (its last lines of output)."""
+    # The child imports this very package, and stays in the caller's folder so relative model paths work.
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.run(
+        [sys.executable, "-m", "trainer.bench", "--one", json.dumps(asdict(config)), str(result_path)],
+        capture_output=True, text=True, env=env,
+    )
+    if process.returncode == 0:
+        return Measurement(**json.loads(result_path.read_text(encoding="utf-8")))
+    lines = (process.stderr or process.stdout).strip().splitlines()
+    if process.returncode < 0:
+        lines.append(f"killed by signal {-process.returncode} (SIGKILL usually means out of memory)")
+    return "\n".join(lines[-_FAILURE_LINES:]) or f"exit status {process.returncode}"
+
+
+def _bench_dataset(directory: Path, batch_size: int) -> Path:
+    """A kohya folder holding one image (and its caption) with ``batch_size`` repeats: one batch per epoch."""
+    if not BENCH_IMAGE.is_file():
+        raise UserError(f"sdtrain bench trains on '{BENCH_IMAGE}', which is missing. Run it from a source checkout of sdtrain.")
+    subset = directory / f"{batch_size}_sls frog"
+    subset.mkdir(parents=True)
+    for source in (BENCH_IMAGE, BENCH_IMAGE.with_suffix(".txt")):
+        shutil.copy2(source, subset / source.name)
+    return directory
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _markdown_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+
+    def line(cells) -> str:
+        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
+
+    return "\n".join([line(COLUMNS), line("-" * width for width in widths), *(line(row) for row in rows)])
+
+
+def _describe(cells: tuple[str, ...]) -> str:
+    return "  ".join(f"{name}: {cell}" for name, cell in zip(COLUMNS, cells))
+
+
+def run_bench(
+    models: list[str],
+    steps: int,
+    resolution: int,
+    *,
+    warmup: int = 1,
+    batch_size: int | None = None,
+    cache: tuple[bool, ...] = (False, True),
+    gradient_checkpointing: tuple[bool, ...] = (False, True),
+    recipe: Path | str = DEFAULT_RECIPE,
+    log=lambda message: print(message, file=sys.stderr, flush=True),
+) -> str:
+    """Train every configuration for ``warmup + steps`` steps and return the table (markdown) with a header.
+
+    ``log`` receives one line per configuration as it finishes (SD1.5-size runs on a CPU take minutes).
+    """
+    if steps < 1 or warmup < 0 or (batch_size is not None and batch_size < 1):
+        raise UserError(
+            f"sdtrain bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1 (got {steps}, {warmup} and {batch_size})."
+        )
+    if resolution < RESOLUTION_STEP or resolution % RESOLUTION_STEP:
+        raise UserError(f"sdtrain bench --resolution {resolution}: use a multiple of {RESOLUTION_STEP} (e.g. 256 or 512).")
+    from trainer.recipe import load_recipe
+
+    recipe = Path(recipe).resolve()
+    # Read here too, so a broken recipe is one error instead of one failure per configuration.
+    batch_size = batch_size or load_recipe(recipe).train.batch_size
+    rows: list[tuple[str, ...]] = []
+    failures: list[str] = []
+    devices: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
+        work = Path(tmp)
+        dataset = _bench_dataset(work / "data", batch_size)
+        plan = [(model, c, g) for model in models for c in cache for g in gradient_checkpointing]
+        for index, (model, cached, checkpointed) in enumerate(plan, start=1):
+            config = Configuration(
+                model=model, recipe=str(recipe), dataset=str(dataset), output_dir=str(work / f"run-{index}"),
+                resolution=resolution, batch_size=batch_size, cache_latents=cached, gradient_checkpointing=checkpointed,
+                warmup_steps=warmup, timed_steps=steps,
+            )
+            outcome = _measure_in_subprocess(config, work / f"result-{index}.json")
+            cells = (model, f"{resolution}x{resolution}", str(batch_size), _on_off(cached), _on_off(checkpointed))
+            if isinstance(outcome, Measurement):
+                devices.add(outcome.device)
+                row = cells + (f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}")
+            else:
+                failures.append(f"{_describe(cells)}:\n{outcome}")
+                row = cells + ("failed", "-", "-")
+            rows.append(row)
+            log(f"[{index}/{len(plan)}] {_describe(row)}")
+    header = [
+        f"sdtrain bench: {recipe.name}, {warmup} warm-up + {steps} timed steps per configuration, "
+        f"device: {'; '.join(sorted(devices)) or 'none (every configuration failed)'}",
+        "peak memory: RSS = peak resident memory of the whole process (CPU); CUDA = torch.cuda.max_memory_allocated",
+        "",
+    ]
+    text = "\n".join(header) + _markdown_table(rows)
+    if failures:
+        text += "\n\nFailed configurations:\n" + "\n\n".join(failures)
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sdtrain bench`` (and ``python -m trainer.bench``)."""
+    parser.add_argument("--models", nargs="+", default=["tiny", "random:sd1"], metavar="BASE",
+                        help="model.base values to measure: tiny, random:sd1 (SD1.5's size, random weights), a diffusers folder, a .safetensors file (default: tiny random:sd1)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the first fills the latent cache (default 1)")
+    parser.add_argument("--resolution", type=int, default=256, help="training resolution in px, a multiple of 64 (default 256)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
+    parser.add_argument("--cache", choices=("on", "off", "both"), default="both", help="latent caching (default both)")
+    parser.add_argument("--grad-ckpt", choices=("on", "off", "both"), default="both", help="gradient checkpointing (default both)")
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe to time; its data section is replaced (default recipes/sls_frog_lora.yaml)")
+
+
+def _choice(value: str) -> tuple[bool, ...]:
+    return {"off": (False,), "on": (True,), "both": (False, True)}[value]
+
+
+def bench_from_args(args: argparse.Namespace) -> str:
+    return run_bench(
+        args.models, args.steps, args.resolution, warmup=args.warmup, batch_size=args.batch_size,
+        cache=_choice(args.cache), gradient_checkpointing=_choice(args.grad_ckpt), recipe=args.recipe,
+    )
+
+
+def _run_one(spec: str, result_path: Path) -> int:
+    """The child process: measure one configuration and write the Measurement as JSON."""
+    from trainer.atomic import write_text
+
+    try:
+        measurement = measure(Configuration(**json.loads(spec)))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    write_text(result_path, json.dumps(asdict(measurement)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one"]:
+        return _run_one(argv[1], Path(argv[2]))
+    parser = argparse.ArgumentParser(prog="python -m trainer.bench", description="Steps per second and peak memory of LoRA training.")
+    add_arguments(parser)
+    try:
+        print(bench_from_args(parser.parse_args(argv)))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
