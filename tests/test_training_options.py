@@ -95,3 +95,14 @@ def test_samples_carry_prompt_and_seed_and_logs_are_written(tmp_path):
     info = Image.open(result.samples[0]).info
     assert info["prompt"] == "sls frog in a pond" and info["seed"] == "1234" and info["training_step"] == "2"
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_text_encoder_gets_its_own_learning_rate():
+    from trainer.methods.lora.method import LoraMethod
+    from trainer.models.loading import load_base_model
+
+    recipe = load_recipe(RECIPE, ["lora.text_encoder=true", "lora.text_encoder_lr=0.5", "train.lr=0.01"])
+    method = LoraMethod(recipe, load_base_model("tiny"))
+    method.setup()
+    lrs = {group["lr"]: len(group["params"]) for group in method.param_groups()}
+    assert set(lrs) == {0.01, 0.5} and all(lrs.values())

@@ -41,6 +41,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from trainer.bench import bench_from_args
+
+    print(bench_from_args(args))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -66,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", help="a dataset folder or a recipe")
     inspect.add_argument("--resolution", type=int, help="training resolution to check buckets against (default: the recipe's, or 512 for a folder)")
     inspect.set_defaults(run=_inspect)
+    from trainer.bench import add_arguments
+
+    bench = commands.add_parser("bench", parents=[common], help="steps/s and peak memory of LoRA training, one table")
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
     return parser
 
 

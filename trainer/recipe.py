@@ -18,7 +18,11 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from trainer.errors import UserError
 from trainer.methods import check_method_name
+from trainer.methods.dreambooth.config import DreamBoothConfig
+from trainer.methods.hypernetwork.config import HypernetworkConfig
 from trainer.methods.lora.config import LoraConfig
+from trainer.methods.lycoris.config import LycorisConfig
+from trainer.methods.textual_inversion.config import TextualInversionConfig
 
 
 @dataclass
@@ -127,8 +131,8 @@ class SampleConfig:
 class OutputConfig:
     dir: str = "output/run"
     name: str = "model"
-    # Artifact formats; each method says which it knows (LoRA: "kohya", "diffusers").
-    formats: list[str] = field(default_factory=lambda: ["kohya"])
+    # Artifact formats; each method says which it knows (LoRA: "kohya", "diffusers"). Empty: the method's default.
+    formats: list[str] = field(default_factory=list)
     # "fp32", "fp16" or "bf16".
     save_dtype: str = "fp16"
     comment: str = ""
@@ -142,6 +146,10 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    hypernetwork: HypernetworkConfig = field(default_factory=HypernetworkConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
+    lycoris: LycorisConfig = field(default_factory=LycorisConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

@@ -10,6 +10,10 @@ from trainer.errors import UserError
 # Imported on demand so a run only pays for the method it uses.
 METHODS = {
     "lora": "trainer.methods.lora.method:LoraMethod",
+    "hypernetwork": "trainer.methods.hypernetwork.method:HypernetworkMethod",
+    "dreambooth": "trainer.methods.dreambooth.method:DreamBoothMethod",
+    "textual_inversion": "trainer.methods.textual_inversion.method:TextualInversionMethod",
+    "lycoris": "trainer.methods.lycoris.method:LycorisMethod",
 }
 
 

@@ -40,6 +40,9 @@ class TrainingMethod:
     def __init__(self, recipe: Recipe, model: BaseModel):
         self.recipe = recipe
         self.model = model
+        if not recipe.output.formats:
+            # Resolved in the recipe itself, so every reader and the saved recipe.yaml agree.
+            recipe.output.formats = [self.formats[0]]
         unknown = [f for f in recipe.output.formats if f not in self.formats]
         if unknown:
             raise UserError(
@@ -70,8 +73,13 @@ class TrainingMethod:
         return {name: module for name, module in parts.items() if any(p.requires_grad for p in module.parameters())}
 
     def param_groups(self) -> list[dict]:
-        params = [p for module in self.trainable_modules().values() for p in module.parameters() if p.requires_grad]
-        return [{"params": params, "lr": self.recipe.train.lr}]
+        """One group per trained part; the text encoder takes the method section's ``text_encoder_lr`` if set."""
+        text_encoder_lr = getattr(getattr(self.recipe, self.name, None), "text_encoder_lr", None)
+        groups = []
+        for part, module in self.trainable_modules().items():
+            lr = text_encoder_lr if part == "text_encoder" and text_encoder_lr is not None else self.recipe.train.lr
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
+        return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that training changes, exactly, for checkpoints."""

@@ -2,6 +2,9 @@
 
 ``model.base`` may be ``tiny`` (built in), a diffusers folder, a single-file ``.safetensors`` (or
 ``.ckpt``) checkpoint in the original ldm layout, or a hub id already in the local Hugging Face cache.
+For benchmarks, ``random:sd1`` (``random:sd2``, ``random:sd2-base``) builds a packaged architecture
+(``trainer/models/configs``: SD1.5, SD2.1, SD2.1-base) with seeded random weights: real sizes and
+speeds, meaningless images.
 """
 
 from __future__ import annotations
@@ -88,12 +91,51 @@ def _looks_like_hub_id(base: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(base)
 
 
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 20261126
+
+
+def _random_components(architecture: str) -> dict:
+    """The packaged ``architecture`` (a folder of trainer/models/configs) with seeded random weights."""
+    from transformers import CLIPTextConfig
+
+    from trainer.models.single_file import PACKAGED_CONFIGS, PACKAGED_MODELS
+    from trainer.models.tokenizer import clip_tokenizer
+
+    if architecture not in PACKAGED_MODELS:
+        choices = ", ".join(f"'{RANDOM_PREFIX}{name}' ({model})" for name, model in PACKAGED_MODELS.items())
+        raise UserError(f"model.base '{RANDOM_PREFIX}{architecture}' names no packaged architecture; use {choices}.")
+    config_dir = str(PACKAGED_CONFIGS / architecture)
+    text_config = CLIPTextConfig.from_json_file(PACKAGED_CONFIGS / architecture / "text_encoder" / "config.json")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        parts = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae")),
+            "text_encoder": CLIPTextModel(text_config),
+        }
+    for module in parts.values():
+        module.eval()
+    # SD2's OpenCLIP tokenizer pads with "!"; SD1's with the end-of-text token.
+    parts["tokenizer"] = clip_tokenizer(pad_token="!" if text_config.hidden_size == 1024 else "<|endoftext|>")
+    parts["scheduler"] = _training_scheduler(DDPMScheduler.load_config(config_dir, subfolder="scheduler"))
+    return parts
+
+
 def load_base_model(base: str, config: str | None = None, prediction_type: str = "auto", allow_unsafe_pickle: bool = False) -> BaseModel:
     """Load ``model.base``; raises ``UserError`` with the fix when it cannot be read."""
     if base == "tiny":
         from trainer.models.tiny import tiny_components
 
         parts, name = tiny_components(), "sdtrain-tiny"
+    elif base == "toy":
+        # The toy world's pretrained base (trainer/toyworld), from the per-user cache.
+        from trainer.toyworld.pretrain import BASE_NAME, toy_base_dir
+
+        parts, name = _from_diffusers_folder(str(toy_base_dir())), BASE_NAME
+    elif base.startswith(RANDOM_PREFIX):
+        architecture = base[len(RANDOM_PREFIX):]
+        parts, name = _random_components(architecture), f"sdtrain-random-{architecture}"
     elif Path(base).is_dir():
         if not (Path(base) / "model_index.json").is_file():
             raise UserError(
@@ -123,7 +165,8 @@ def load_base_model(base: str, config: str | None = None, prediction_type: str =
     else:
         raise UserError(
             f"model.base '{base}' does not exist. Use 'tiny' (the built-in model), a diffusers folder, a single-file "
-            ".safetensors checkpoint, or a hub id already in the local Hugging Face cache."
+            ".safetensors checkpoint, a hub id already in the local Hugging Face cache, or for benchmarks 'random:sd1' "
+            "('random:sd2', 'random:sd2-base'): that architecture with random weights."
         )
     return BaseModel(
         unet=parts["unet"],

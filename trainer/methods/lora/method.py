@@ -68,15 +68,6 @@ class LoraMethod(TrainingMethod):
             for name, param in part.named_parameters():
                 param.requires_grad_("lora_" in name)
 
-    def param_groups(self) -> list[dict]:
-        groups = []
-        for part, module in self.trainable_modules().items():
-            lr = self.recipe.train.lr
-            if part == "text_encoder" and self.recipe.lora.text_encoder_lr is not None:
-                lr = self.recipe.lora.text_encoder_lr
-            groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
-        return groups
-
     def kohya_modules(self) -> dict[str, kohya_lora.LoraWeights]:
         modules = {}
         for prefix, part in ((kohya_lora.UNET_PREFIX, self.model.unet), (kohya_lora.TEXT_ENCODER_PREFIX, self.model.text_encoder)):

@@ -1,0 +1,1 @@
+"""``method: dreambooth``: full-model training with prior preservation, exported as whole checkpoints."""
