@@ -1,0 +1,276 @@
+"""DreamBooth end to end on the built-in model: class images, prior loss, full-model exports, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, fast_overrides
+from trainer.convert import convert_checkpoint
+from trainer.errors import UserError
+from trainer.formats.safetensors_file import read_metadata
+from trainer.loop import train
+from trainer.methods.dreambooth import class_images
+from trainer.methods.dreambooth.method import DreamBoothMethod
+from trainer.models.loading import load_base_model
+from trainer.recipe import load_recipe
+
+RECIPE = REPO / "recipes" / "sls_frog_dreambooth.yaml"
+NUM_CLASS_IMAGES = 4
+
+
+def _recipe(out, class_dir, **extra):
+    values = {
+        "train.max_steps": 6,
+        "train.save_every_steps": 2,
+        "train.keep_checkpoints": 10,
+        "dreambooth.class_dir": str(class_dir),
+        "dreambooth.num_class_images": NUM_CLASS_IMAGES,
+        "dreambooth.class_sample_steps": 2,
+        "dreambooth.class_batch_size": 3,  # 4 images: one full batch and one short one
+        "dreambooth.text_encoder_steps": 3,
+        "dreambooth.ema": True,
+        "output.save_dtype": "fp32",
+    }
+    values.update(extra)
+    return load_recipe(RECIPE, fast_overrides(out, **values))
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("class_images") / "frog"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, class_dir):
+    """The uninterrupted run: generates the class images, trains 6 steps, writes both formats."""
+    out = tmp_path_factory.mktemp("dreambooth")
+    result = train(_recipe(out, class_dir), show_progress=False)
+    return out, result
+
+
+def _mtimes(directory):
+    return {path.name: path.stat().st_mtime_ns for path in directory.iterdir()}
+
+
+def _weights(out, step):
+    return load_file(out / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------
+# Class images
+
+
+def test_class_images_are_generated_with_prompt_and_seed(run, class_dir):
+    names = sorted(path.name for path in class_dir.iterdir())
+    assert names == [class_images.image_name(i) for i in range(NUM_CLASS_IMAGES)]
+    for index, name in enumerate(names):
+        with Image.open(class_dir / name) as image:
+            assert image.size == (64, 64)
+            assert image.info["prompt"] == "a photo of a frog"
+            assert image.info["seed"] == str(index)  # class_seed 0 + index
+            assert "Seed: " in image.info["parameters"]
+
+
+def test_class_images_are_reused_and_only_missing_ones_drawn(run, class_dir, tmp_path):
+    recipe = _recipe(tmp_path / "out", class_dir)
+    model = load_base_model("tiny")
+    request = DreamBoothMethod(recipe, model).class_image_request()
+    before = _mtimes(class_dir)
+    assert class_images.ensure_class_images(model, request, torch.device("cpu")) == []
+    assert _mtimes(class_dir) == before
+    # Images drawn for another prompt are pointed out (they would be captioned with the new one).
+    assert class_images.images_of_other_prompts(replace(request, prompt="a photo of a cat")) == sorted(before)
+    assert class_images.images_of_other_prompts(request) == []
+
+    # A deleted image comes back from its own seed; the others stay untouched.
+    copy = tmp_path / "copy"
+    shutil.copytree(class_dir, copy)
+    removed = copy / class_images.image_name(1)
+    original = np.asarray(Image.open(removed).convert("RGB"), dtype=np.int16)
+    removed.unlink()
+    kept = _mtimes(copy)
+    bigger = replace(request, directory=copy, count=NUM_CLASS_IMAGES + 1)
+    drawn = class_images.ensure_class_images(model, bigger, torch.device("cpu"))
+    assert [path.name for path in drawn] == [class_images.image_name(1), class_images.image_name(NUM_CLASS_IMAGES)]
+    assert {name: t for name, t in _mtimes(copy).items() if name in kept} == kept
+    redrawn = np.asarray(Image.open(removed).convert("RGB"), dtype=np.int16)
+    assert np.abs(redrawn - original).max() <= 1  # same seed, same picture (up to batch rounding)
+
+
+# ------------------------------------------------------------------------------------------------
+# The prior loss
+
+
+def _unet_gradient(method, latents, captions, weights, noise, timesteps):
+    method.model.unet.zero_grad(set_to_none=True)
+    method.loss(latents, captions, weights, noise, timesteps).backward()
+    return torch.cat([p.grad.flatten() for p in method.model.unet.parameters()])
+
+
+def test_prior_loss_enters_the_gradient(run, class_dir, tmp_path):
+    from trainer.data import TrainingData
+
+    model = load_base_model("tiny")
+    gradients = {}
+    for weight in (0.0, 1.0):
+        recipe = _recipe(tmp_path / "out", class_dir, **{"dreambooth.prior_loss_weight": weight, "train.batch_size": 4})
+        method = DreamBoothMethod(recipe, model)
+        data = TrainingData(recipe.data, seed=1, batch_size=4, reg_loss_weight=DreamBoothMethod.reg_loss_weight(recipe))
+        data = method.prepare_data(data, torch.device("cpu"))
+        method.setup()
+        batches = (data.load_batch(samples, 0) for samples in data.epoch_batches(0))
+        batch = next(b for b in batches if len({item.is_reg for item in b.items}) == 2)
+        is_reg = torch.tensor([item.is_reg for item in batch.items])
+        assert batch.loss_weights[is_reg].eq(weight).all() and batch.loss_weights[~is_reg].eq(1.0).all()
+        with torch.no_grad():
+            latents = model.vae.encode(batch.pixel_values()).latent_dist.mean * model.vae.config.scaling_factor
+        generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
+        gradients[weight] = _unet_gradient(method, latents, batch.captions, batch.loss_weights, noise, timesteps)
+        if "instance only" not in gradients:  # the same batch for both weights: same data, same seed
+            instance = ~is_reg
+            captions = [caption for caption, reg in zip(batch.captions, is_reg) if not reg]
+            gradients["instance only"] = _unet_gradient(
+                method, latents[instance], captions, torch.ones(len(captions)), noise[instance], timesteps[instance]
+            )
+    # Weight 0: the class samples change nothing; weight 1: they do, by a lot.
+    torch.testing.assert_close(gradients[0.0], gradients["instance only"], rtol=1e-4, atol=1e-7)
+    difference = (gradients[1.0] - gradients["instance only"]).norm() / gradients["instance only"].norm()
+    assert difference > 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# Exports
+
+
+def _image(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    return pipe("sls frog", num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
+
+
+def test_single_file_loads_in_diffusers_and_draws_what_the_folder_draws(run):
+    from diffusers import StableDiffusionPipeline
+
+    out, result = run
+    single, folder = out / "sls_frog.safetensors", out / "sls_frog_diffusers"
+    assert result.artifacts == [single, folder]
+    prefixes = {key.split(".")[0] for key in load_file(single)}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    meta = read_metadata(single)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.title"] == "sls_frog"
+    assert meta["modelspec.description"] == "sls frog DreamBooth on the sdtrain tiny model"
+
+    from_folder = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    from_file = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), local_files_only=True)
+    from_file.scheduler = from_folder.scheduler
+    np.testing.assert_array_equal(_image(from_folder), _image(from_file))
+
+
+def test_export_is_the_ema_of_the_trained_weights(run):
+    out, _ = run
+    final = _weights(out, 6)
+    exported = load_base_model(str(out / "sls_frog_diffusers"))
+    for part in ("unet", "text_encoder"):
+        for name, tensor in getattr(exported, part).state_dict().items():
+            if f"{part}.{name}" in final:
+                assert torch.equal(tensor, final[f"ema.{part}.{name}"]), name
+    assert any(not torch.equal(final[k], final[f"ema.{k}"]) for k in final if k.startswith("unet."))
+
+
+def test_convert_original_to_diffusers_and_back_is_exact(run, tmp_path):
+    out, _ = run
+    original = out / "sls_frog.safetensors"
+    folder = convert_checkpoint(original, tmp_path / "converted", "fp32", config=out / "sls_frog_diffusers")
+    assert (folder / "model_index.json").is_file()
+    back = convert_checkpoint(folder, tmp_path / "back.safetensors", "fp32")
+    expected, actual = load_file(original), load_file(back)
+    assert sorted(expected) == sorted(actual)
+    for key, tensor in expected.items():
+        assert torch.equal(actual[key], tensor), key
+    half = load_file(convert_checkpoint(folder, tmp_path / "half.safetensors", "fp16"))
+    assert {t.dtype for t in half.values() if t.is_floating_point()} == {torch.float16}
+    with pytest.raises(UserError, match="already exists"):
+        convert_checkpoint(folder, back, "fp16")
+    with pytest.raises(UserError, match="--config"):  # the tiny model is not SD1.5-shaped
+        convert_checkpoint(original, tmp_path / "no_config", "fp32")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume and the text-encoder stop
+
+
+def test_resume_equals_uninterrupted_run(run, class_dir, tmp_path):
+    out, _ = run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step-00000004", resumed / "checkpoints" / "step-00000004")
+    before = _mtimes(class_dir)
+    train(_recipe(resumed, class_dir), resume="latest", show_progress=False)
+    assert _mtimes(class_dir) == before  # the class images were reused, not drawn again
+    expected, actual = _weights(out, 6), _weights(resumed, 6)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert any(not torch.equal(_weights(out, 4)[k], v) for k, v in expected.items() if k.startswith("unet."))
+
+
+def test_text_encoder_stops_after_its_steps(run):
+    out, _ = run
+    steps = {step: _weights(out, step) for step in (2, 4, 6)}
+    text = [key for key in steps[2] if key.startswith("text_encoder.")]
+    assert text
+    assert any(not torch.equal(steps[2][k], steps[4][k]) for k in text)  # step 3 still trained it
+    assert all(torch.equal(steps[4][k], steps[6][k]) for k in text)  # steps 4-6 did not
+    assert steps[6]["dreambooth.optimizer_steps"].item() == 6
+    # The text encoder has its own learning rate (the recipe's 5e-5 next to the UNet's 1e-4).
+    state = json.loads((out / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [1.0e-4, 5.0e-5]
+
+
+# ------------------------------------------------------------------------------------------------
+# The plain full fine-tune, and bad input
+
+
+def test_plain_full_finetune_with_tag_captions(tmp_path):
+    class_dir = tmp_path / "never"
+    recipe = _recipe(
+        tmp_path / "out", class_dir,
+        **{"dreambooth.prior_preservation": False, "dreambooth.class_prompt": "null", "data.dir": str(REPO / "datasets" / "tagged_example"),
+           "data.shuffle_tags": True, "data.keep_tokens": 1, "train.max_steps": 2, "output.formats": "[single_file]"},
+    )
+    result = train(recipe, show_progress=False)
+    assert not class_dir.exists()
+    trained = load_file(result.artifacts[0])
+    checkpoint = load_file(tmp_path / "out" / "checkpoints" / "step-00000002" / "trainable.safetensors")
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(trained[key], checkpoint["ema.unet.conv_out.weight"])
+    assert not torch.equal(trained[key], load_base_model("tiny").unet.conv_out.weight.detach())
+
+
+@pytest.mark.parametrize(
+    "case, fragment",
+    [("no class prompt", "dreambooth.class_prompt"), ("class dir is a file", "dreambooth.class_dir"), ("disk full", "MiB free")],
+)
+def test_bad_input_stops_before_training(tmp_path, monkeypatch, case, fragment):
+    class_dir = tmp_path / "class"
+    extra = {}
+    if case == "no class prompt":
+        extra["dreambooth.class_prompt"] = "null"
+    if case == "class dir is a file":
+        class_dir.write_text("not a folder")
+    if case == "disk full":
+        monkeypatch.setattr(class_images.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=fragment):
+        train(_recipe(out, class_dir, **extra), show_progress=False)
+    assert not (out / "checkpoints").exists()

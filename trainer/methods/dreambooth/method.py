@@ -1,0 +1,214 @@
+"""``method: dreambooth`` — retrain the whole model on a subject: the "Checkpoint" way of teaching it.
+
+The UNet trains entirely; the text encoder optionally, at its own learning rate and, if asked, only for
+the first ``text_encoder_steps`` optimizer steps. With prior preservation the class folder is filled
+with the base model's own images of the class prompt (``class_images.py``) and trained on as a
+regularisation subset: kohya's balancing of class against instance samples, the class loss weighted by
+``prior_loss_weight``. Without it (and with tag captions) this is the plain full fine-tune. An optional
+EMA of the trained weights is what gets exported. The artifact is a whole model: a diffusers folder
+and/or one original-layout ``.safetensors`` file that AUTOMATIC1111 and ComfyUI load.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.formats.ldm_checkpoint import save_single_file
+from trainer.formats.safetensors_file import DTYPES
+from trainer.methods.base import ExportContext, TrainingMethod
+from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images, images_of_other_prompts
+from trainer.models.loading import BaseModel, save_diffusers_folder
+from trainer.recipe import Recipe, SubsetConfig
+
+STEPS_KEY = "dreambooth.optimizer_steps"
+EMA_PREFIX = "ema."
+
+
+def ema_decay(max_decay: float, steps: int) -> float:
+    """The decay of the update after ``steps`` optimizer steps: diffusers' EMAModel warm-up,
+    (1 + n) / (10 + n) with n = steps - 1, capped at ``max_decay``; the first update copies the weights."""
+    n = steps - 1
+    return 0.0 if n <= 0 else min(max_decay, (1 + n) / (10 + n))
+
+
+def _check_config(recipe: Recipe, model: BaseModel) -> None:
+    cfg = recipe.dreambooth
+    if cfg.prior_preservation and not (cfg.class_prompt or "").strip():
+        raise UserError(
+            "Recipe key 'dreambooth.class_prompt' is empty while 'dreambooth.prior_preservation' is on. Set it to what the "
+            "instance images are an example of, with the class word of their captions (e.g. 'a photo of a frog' for "
+            "captions 'sls frog'), or set dreambooth.prior_preservation=false."
+        )
+    rules = [
+        ("num_class_images", cfg.num_class_images >= 1 or not cfg.prior_preservation, "at least 1 with prior preservation on"),
+        ("prior_loss_weight", cfg.prior_loss_weight >= 0, "0 or more (1.0 is usual)"),
+        ("class_resolution", cfg.class_resolution >= 0, "0 (= data.resolution) or a size in pixels"),
+        ("class_sample_steps", cfg.class_sample_steps >= 1, "at least 1"),
+        ("class_batch_size", cfg.class_batch_size >= 1, "at least 1"),
+        ("text_encoder_steps", cfg.text_encoder_steps >= 0, "0 (the whole run) or a number of steps"),
+        ("ema_decay", 0.0 <= cfg.ema_decay < 1.0, "between 0 and 1 (0.9999 is usual)"),
+    ]
+    for key, valid, expected in rules:
+        if not valid:
+            raise UserError(f"Recipe key 'dreambooth.{key}' is {getattr(cfg, key)}; it must be {expected}.")
+    resolution = cfg.class_resolution or recipe.data.resolution
+    if cfg.prior_preservation and resolution % model.vae_scale_factor:
+        raise UserError(
+            f"Class images would be {resolution} px wide ('dreambooth.class_resolution', 0 = data.resolution), but the "
+            f"base model draws only multiples of {model.vae_scale_factor} px. Set dreambooth.class_resolution to one."
+        )
+
+
+class DreamBoothMethod(TrainingMethod):
+    name = "dreambooth"
+    formats = ("single_file", "diffusers")
+
+    def __init__(self, recipe: Recipe, model: BaseModel):
+        super().__init__(recipe, model)
+        _check_config(recipe, model)
+        self.cfg = recipe.dreambooth
+        self._parts = ("unet", "text_encoder") if self.cfg.train_text_encoder else ("unet",)
+        # Decides when the text encoder stops and the EMA decay, so it is part of every checkpoint.
+        self._steps = torch.zeros((), dtype=torch.int64)
+        self._ema: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def reg_loss_weight(cls, recipe: Recipe) -> float:
+        return recipe.dreambooth.prior_loss_weight
+
+    # --- data ---------------------------------------------------------------------------------
+    def class_image_request(self) -> ClassImageRequest:
+        cfg, recipe = self.cfg, self.recipe
+        size = cfg.class_resolution or recipe.data.resolution
+        return ClassImageRequest(
+            directory=Path(cfg.class_dir) if cfg.class_dir else Path(recipe.output.dir) / "class_images",
+            count=cfg.num_class_images,
+            prompt=cfg.class_prompt,
+            negative_prompt=cfg.class_negative_prompt,
+            width=size,
+            height=size,
+            steps=cfg.class_sample_steps,
+            guidance_scale=cfg.class_guidance_scale,
+            seed=cfg.class_seed,
+            batch_size=cfg.class_batch_size,
+            clip_skip=recipe.model.clip_skip,
+        )
+
+    def prepare_data(self, data, device: torch.device):
+        """Fill the class folder, then train on it as a regularisation subset captioned with the class prompt."""
+        from trainer.data import TrainingData
+
+        if not self.cfg.prior_preservation:
+            return data
+        request = self.class_image_request()
+        ensure_class_images(self.model, request, device)
+        other = images_of_other_prompts(request)
+        if other:
+            print(
+                f"warning: {len(other)} images in '{request.directory}' were generated for another prompt, but are captioned "
+                f"'{request.prompt}' now (e.g. {other[0]}). Empty the folder, or point dreambooth.class_dir elsewhere, to draw new ones."
+            )
+        class_subset = SubsetConfig(dir=str(request.directory), caption=request.prompt, is_reg=True)
+        with_class = TrainingData(
+            replace(data.cfg, subsets=[*data.cfg.subsets, class_subset]),
+            seed=data.seed,
+            batch_size=data.batch_size,
+            reg_loss_weight=data.reg_loss_weight,
+        )
+        for warning in with_class.warnings:
+            if warning not in data.warnings:
+                print(f"warning: {warning}")
+        return with_class
+
+    # --- which parameters train -------------------------------------------------------------------
+    def setup(self) -> None:
+        self.model.vae.requires_grad_(False)
+        self.model.unet.requires_grad_(True)
+        self.model.text_encoder.requires_grad_(self.cfg.train_text_encoder)
+        if self.cfg.ema:
+            self._ema = {key: param.detach().float().clone() for key, param in self._weights().items()}
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        # By configuration, not by requires_grad: the text encoder stays a trained part after it stops.
+        return {part: getattr(self.model, part) for part in self._parts}
+
+    def _weights(self) -> dict[str, nn.Parameter]:
+        return {f"{part}.{name}": param for part, module in self.trainable_modules().items() for name, param in module.named_parameters()}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights, their EMA and the step count: a resumed run continues exactly."""
+        state = {key: param.detach() for key, param in self._weights().items()}
+        state.update({EMA_PREFIX + key: shadow for key, shadow in self._ema.items()})
+        state[STEPS_KEY] = self._steps
+        return state
+
+    def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().load_trainable_state_dict(tensors)
+        self._stop_text_encoder_when_due()
+
+    def _stop_text_encoder_when_due(self) -> None:
+        # Without gradients AdamW skips the text encoder's parameters entirely (no update, no weight decay).
+        limit = self.cfg.text_encoder_steps
+        if self.cfg.train_text_encoder and limit and int(self._steps) >= limit:
+            self.model.text_encoder.requires_grad_(False)
+
+    # --- how the loss is formed --------------------------------------------------------------------
+    def loss(self, latents, captions, loss_weights, noise, timesteps):
+        """kohya's weighted batch mean, sum(w * loss) / batch size with w = prior_loss_weight for class samples,
+        except that samples of weight 0 do not count toward the batch size.
+
+        So weight 0 is exactly "no class data" (the loss and gradient of the batch's instance samples alone),
+        while any other weight scales the class samples' loss by itself, in mixed and class-only batches alike.
+        """
+        counted = int((loss_weights > 0).sum())
+        if counted:
+            loss_weights = loss_weights * (len(loss_weights) / counted)
+        return super().loss(latents, captions, loss_weights, noise, timesteps)
+
+    def after_optimizer_step(self) -> None:
+        self._steps += 1
+        if self._ema:
+            decay = ema_decay(self.cfg.ema_decay, int(self._steps))
+            with torch.no_grad():
+                for key, param in self._weights().items():
+                    shadow = self._ema[key]
+                    if shadow.device != param.device:
+                        shadow = self._ema[key] = shadow.to(param.device)
+                    shadow.lerp_(param.detach().float(), 1.0 - decay)
+        self._stop_text_encoder_when_due()
+
+    # --- how the artifact is written ---------------------------------------------------------------
+    def exported_model(self) -> BaseModel:
+        """A CPU copy of the model as it is shipped: the EMA weights if kept, in output.save_dtype."""
+        dtype = DTYPES[self.recipe.output.save_dtype]
+        parts = {name: copy.deepcopy(getattr(self.model, name)).to("cpu", dtype).eval() for name in ("unet", "vae", "text_encoder")}
+        with torch.no_grad():
+            for key, shadow in self._ema.items():
+                part, _, name = key.partition(".")
+                parts[part].get_parameter(name).copy_(shadow)
+        return replace(self.model, **parts)
+
+    def export(self, context: ExportContext) -> list[Path]:
+        recipe, model = self.recipe, self.exported_model()
+        paths = []
+        if "single_file" in recipe.output.formats:
+            extra = {"modelspec.description": recipe.output.comment}
+            if recipe.model.clip_skip > 1:
+                extra["modelspec.encoder_layer"] = str(recipe.model.clip_skip)
+            paths.append(save_single_file(
+                context.output_dir / f"{context.name}.safetensors", model.unet, model.vae, model.text_encoder,
+                is_v2=model.is_v2, prediction_type=model.noise_scheduler.config.prediction_type,
+                dtype=DTYPES[recipe.output.save_dtype], title=recipe.output.name,
+                metadata={key: value for key, value in extra.items() if value},
+            ))
+        if "diffusers" in recipe.output.formats:
+            directory = context.output_dir / f"{context.name}_diffusers"
+            save_diffusers_folder(model, directory)
+            paths.append(directory)
+        return paths
