@@ -59,3 +59,28 @@ def test_bad_input_is_one_paragraph_exit_2(tmp_path, capsys, setup, overrides, e
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_convert_hypernetwork_and_model_both_ways(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.formats.a1111_hypernetwork import read_hypernetwork
+
+    # A trained hypernetwork .pt -> safetensors -> .pt keeps every tensor.
+    code, _, err = _run(capsys, "train", str(REPO / "recipes" / "sls_frog_hypernetwork.yaml"), *fast_overrides(tmp_path / "hn", **{"train.max_steps": 1, "output.formats": "[a1111]"}), "--quiet")
+    assert code == 0, err
+    (pt,) = (tmp_path / "hn").glob("*.pt")
+    assert _run(capsys, "convert", str(pt), str(tmp_path / "hn.safetensors"))[0] == 0
+    assert _run(capsys, "convert", str(tmp_path / "hn.safetensors"), str(tmp_path / "back.pt"))[0] == 0
+    original, back = read_hypernetwork(pt), read_hypernetwork(tmp_path / "back.pt")
+    assert original.layers.keys() == back.layers.keys()
+    # A model: diffusers folder -> single file -> diffusers folder.
+    assert _run(capsys, "base", "tiny", str(tmp_path / "tiny"))[0] == 0
+    assert _run(capsys, "convert", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors"), "--dtype", "fp32")[0] == 0
+    assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(tmp_path / "tiny.safetensors")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "again"), "--config", str(tmp_path / "tiny"), "--dtype", "fp32")
+    assert code == 0, err
+    a = load_file(tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

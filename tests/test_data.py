@@ -162,6 +162,8 @@ def test_trigger_word_is_prepended_once_and_dropped_with_the_caption():
     assert process_caption("on a rock", DataConfig(trigger_word="sls frog", caption_dropout=1.0), rng) == ""
     # Without tag operations a prose caption is passed through untouched.
     assert process_caption("a frog,  sitting", DataConfig(), rng) == "a frog,  sitting"
+    # Regularisation images keep their plain class caption.
+    assert process_caption("a photo of a frog", cfg, rng, is_reg=True) == "a photo of a frog"
 
 
 # ---------------------------------------------------------------- buckets

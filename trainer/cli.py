@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from trainer.errors import UserError
 
@@ -23,8 +24,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _base(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from trainer.models.loading import load_base_model, save_diffusers_folder
 
     if args.name != "tiny":
@@ -38,6 +37,29 @@ def _inspect(args: argparse.Namespace) -> int:
     from trainer.data.inspect import inspect_report
 
     print(inspect_report(args.target, resolution=args.resolution))
+    return 0
+
+
+def _is_hypernetwork(path: Path) -> bool:
+    from trainer.formats.a1111_hypernetwork import FORMAT_KEY, FORMAT_NAME
+    from trainer.formats.safetensors_file import read_metadata
+
+    if path.suffix.lower() == ".pt":
+        return True
+    return path.suffix.lower() == ".safetensors" and path.is_file() and read_metadata(path).get(FORMAT_KEY) == FORMAT_NAME
+
+
+def _convert(args: argparse.Namespace) -> int:
+    src, dst = Path(args.src), Path(args.dst)
+    if _is_hypernetwork(src):
+        from trainer.formats.a1111_hypernetwork import convert_hypernetwork
+
+        written = convert_hypernetwork(src, dst)
+    else:
+        from trainer.convert import convert_checkpoint
+
+        written = convert_checkpoint(src, dst, args.dtype, config=Path(args.config) if args.config else None)
+    print(f"Wrote {written}")
     return 0
 
 
@@ -73,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("target", help="a dataset folder or a recipe")
     inspect.add_argument("--resolution", type=int, help="training resolution to check buckets against (default: the recipe's, or 512 for a folder)")
     inspect.set_defaults(run=_inspect)
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a model or hypernetwork between formats",
+        description="A model between a diffusers folder and a single-file .safetensors (the destination's suffix decides), "
+        "or a hypernetwork between AUTOMATIC1111's .pt and sdtrain's .safetensors.",
+    )
+    convert.add_argument("src", help="diffusers folder, single-file .safetensors/.ckpt, or hypernetwork .pt/.safetensors")
+    convert.add_argument("dst", help="a .safetensors file or a folder (models); .safetensors or .pt (hypernetworks)")
+    convert.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="model weights' precision (default fp16)")
+    convert.add_argument("--config", help="for a single-file source of another shape than SD1.5/SD2.1: its diffusers config folder")
+    convert.set_defaults(run=_convert)
+
     from trainer.bench import add_arguments
 
     bench = commands.add_parser("bench", parents=[common], help="steps/s and peak memory of LoRA training, one table")

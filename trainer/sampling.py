@@ -12,6 +12,29 @@ from trainer.models.loading import BaseModel
 from trainer.recipe import Recipe
 
 
+SAMPLER = "DDIM"
+
+
+def save_png_with_settings(path: Path, image, *, prompt: str, negative_prompt: str, seed: int, steps: int, guidance_scale: float, extra: dict | None = None) -> Path:
+    """Write ``image`` atomically as PNG with how it was made in its text chunks.
+
+    Each setting gets its own chunk (easy to read back), and AUTOMATIC1111's "parameters" text is
+    added so the UIs' PNG-info tabs show the prompt and settings.
+    """
+    extra = extra or {}
+    info = PngInfo()
+    settings = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "sampler": SAMPLER, **extra}
+    for key, value in settings.items():
+        info.add_text(key, str(value))
+    extras = "".join(f", {key.replace('_', ' ').capitalize()}: {value}" for key, value in extra.items())
+    info.add_text(
+        "parameters",
+        f"{prompt}\nNegative prompt: {negative_prompt}\nSteps: {steps}, Sampler: {SAMPLER}, CFG scale: {guidance_scale}, "
+        f"Seed: {seed}, Size: {image.width}x{image.height}{extras}",
+    )
+    return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
 def sampling_scheduler(noise_scheduler_config):
     """DDIM with SD's sampling settings.
 
@@ -63,13 +86,10 @@ def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, 
                 generator=generator,
                 clip_skip=recipe.model.clip_skip - 1 or None,
             ).images[0]
-            info = PngInfo()
-            for key, value in (("prompt", prompt), ("negative_prompt", cfg.negative_prompt), ("seed", cfg.seed + index), ("steps", cfg.steps), ("guidance_scale", cfg.guidance_scale), ("training_step", step), ("sampler", "DDIM")):
-                info.add_text(key, str(value))
-            # A1111-style "parameters" text so the image's settings show up in the UIs' PNG info.
-            info.add_text("parameters", f"{prompt}\nNegative prompt: {cfg.negative_prompt}\nSteps: {cfg.steps}, Sampler: DDIM, CFG scale: {cfg.guidance_scale}, Seed: {cfg.seed + index}, Size: {width}x{height}")
-            path = directory / f"step-{step:08d}-{index:02d}.png"
-            write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+            path = save_png_with_settings(
+                directory / f"step-{step:08d}-{index:02d}.png", image, prompt=prompt, negative_prompt=cfg.negative_prompt,
+                seed=cfg.seed + index, steps=cfg.steps, guidance_scale=cfg.guidance_scale, extra={"training_step": step},
+            )
             paths.append(path)
     for module, was_training in modes.items():
         module.train(was_training)

@@ -56,8 +56,9 @@ def add_trigger_word(caption: str, trigger: str, separator: str) -> str:
     return f"{trigger}{separator} {caption}"
 
 
-def process_caption(raw: str, cfg: DataConfig, rng: random.Random) -> str:
-    caption = add_trigger_word(raw, cfg.trigger_word, cfg.tag_separator)
+def process_caption(raw: str, cfg: DataConfig, rng: random.Random, is_reg: bool = False) -> str:
+    # Regularisation images show the plain class: the trigger word on them would defeat prior preservation.
+    caption = raw if is_reg else add_trigger_word(raw, cfg.trigger_word, cfg.tag_separator)
     if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
         return ""
     # Prose captions stay untouched unless a tag operation asks for the split.

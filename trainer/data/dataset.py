@@ -215,7 +215,7 @@ class TrainingData:
         for sample, item in zip(sample_indices, items):
             # Separate streams per purpose, so turning on e.g. tag shuffling does not change the flips.
             flip = self.cfg.flip and seeded_rng(self.seed, epoch, sample, "flip").random() < 0.5
-            captions.append(process_caption(item.caption, self.cfg, seeded_rng(self.seed, epoch, sample, "caption")))
+            captions.append(process_caption(item.caption, self.cfg, seeded_rng(self.seed, epoch, sample, "caption"), item.is_reg))
             flipped.append(flip)
             keys.append(self.cache_key(item, flip))
         weights = torch.tensor([self.reg_loss_weight if item.is_reg else 1.0 for item in items], dtype=torch.float32)
