@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from trainer.formats.safetensors_file import iso_now
+from trainer.formats.safetensors_file import iso_now, modelspec
 
 
 def training_metadata(recipe, model, context, *, network_module: str, network_dim: int, network_alpha: float, network_args: dict | None = None) -> dict[str, str]:
@@ -66,3 +66,23 @@ def training_metadata(recipe, model, context, *, network_module: str, network_di
         "ss_bucket_info": json.dumps(data.bucket_info),
     }
     return {key: "None" if value is None else str(value) for key, value in values.items()}
+
+
+def network_metadata(recipe, model, context, *, adapter: str, network_module: str, network_dim: int, network_alpha: float, network_args: dict | None = None) -> dict[str, str]:
+    """The whole header of an adapter file: kohya's ``ss_*`` keys plus ModelSpec ``{architecture}/{adapter}``.
+
+    The implementation is "diffusers" because SD1/SD2 adapter files use diffusers module paths (formats.md 6.2).
+    """
+    metadata = training_metadata(recipe, model, context, network_module=network_module, network_dim=network_dim, network_alpha=network_alpha, network_args=network_args)
+    metadata.update(
+        modelspec(
+            f"{model.modelspec_architecture}/{adapter}",
+            "diffusers",
+            recipe.output.name,
+            recipe.data.resolution,
+            model.noise_scheduler.config.prediction_type,
+            encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
+            description=recipe.output.comment,
+        )
+    )
+    return metadata

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -19,8 +18,8 @@ from torch import nn
 
 from trainer.atomic import staged_directory
 from trainer.formats import kohya_lora
-from trainer.formats.kohya_metadata import training_metadata
-from trainer.formats.safetensors_file import DTYPES, modelspec, save_safetensors
+from trainer.formats.kohya_metadata import network_metadata
+from trainer.formats.safetensors_file import DTYPES, save_safetensors
 from trainer.methods.base import ExportContext, TrainingMethod
 
 ATTENTION = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
@@ -91,19 +90,8 @@ class LoraMethod(TrainingMethod):
         cfg, recipe, model = self.recipe.lora, self.recipe, self.model
         tensors = kohya_lora.to_state_dict(self.kohya_modules(), DTYPES[recipe.output.save_dtype])
         network_args = {"conv_dim": cfg.conv_rank, "conv_alpha": cfg.conv_alpha} if cfg.conv_rank else {}
-        metadata = training_metadata(
-            recipe, model, context, network_module="networks.lora", network_dim=cfg.rank, network_alpha=cfg.alpha, network_args=network_args
-        )
-        metadata.update(
-            modelspec(
-                f"{model.modelspec_architecture}/lora",
-                "diffusers",
-                recipe.output.name,
-                recipe.data.resolution,
-                model.noise_scheduler.config.prediction_type,
-                encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
-                description=recipe.output.comment,
-            )
+        metadata = network_metadata(
+            recipe, model, context, adapter="lora", network_module="networks.lora", network_dim=cfg.rank, network_alpha=cfg.alpha, network_args=network_args
         )
         return save_safetensors(context.output_dir / f"{context.name}.safetensors", tensors, metadata, with_hashes=True)
 

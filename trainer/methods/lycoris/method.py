@@ -17,8 +17,8 @@ from torch import nn
 from trainer.errors import UserError
 from trainer.formats import lycoris as lycoris_format
 from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
-from trainer.formats.kohya_metadata import training_metadata
-from trainer.formats.safetensors_file import DTYPES, modelspec, save_safetensors
+from trainer.formats.kohya_metadata import network_metadata
+from trainer.formats.safetensors_file import DTYPES, save_safetensors
 from trainer.methods.base import ExportContext, TrainingMethod
 from trainer.methods.lycoris import modules
 from trainer.methods.lycoris.config import LycorisConfig
@@ -142,19 +142,8 @@ class LycorisMethod(TrainingMethod):
         tensors = lycoris_format.to_state_dict(self.file_modules(), DTYPES[recipe.output.save_dtype])
         for warning in lycoris_format.compatibility_warnings(tensors):
             print(f"warning: {warning}")
-        metadata = training_metadata(
-            recipe, model, context, network_module="lycoris.kohya", network_dim=cfg.rank, network_alpha=cfg.alpha, network_args=self._network_args()
-        )
-        metadata.update(
-            modelspec(
-                f"{model.modelspec_architecture}/lycoris",
-                "diffusers",
-                recipe.output.name,
-                recipe.data.resolution,
-                model.noise_scheduler.config.prediction_type,
-                encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
-                description=recipe.output.comment,
-            )
+        metadata = network_metadata(
+            recipe, model, context, adapter="lycoris", network_module="lycoris.kohya", network_dim=cfg.rank, network_alpha=cfg.alpha, network_args=self._network_args()
         )
         return [save_safetensors(context.output_dir / f"{context.name}.safetensors", tensors, metadata, with_hashes=True)]
 
