@@ -62,3 +62,12 @@ def test_cli_print_config_shows_resolved_recipe(lora_recipe_path, capsys):
     assert main(["train", str(lora_recipe_path), "lora.rank=3", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "rank: 3" in out and "method: lora" in out
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+    assert len(recipes) >= 10
+    for path in recipes:
+        load_recipe(path)
