@@ -84,3 +84,12 @@ def test_convert_hypernetwork_and_model_both_ways(tmp_path, capsys):
     a = load_file(tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_concept_writes_report_for_a_toy_lora(tmp_path, capsys):
+    code, _, err = _run(capsys, "train", str(REPO / "recipes" / "toy" / "sls_frog_lora.yaml"), f"output.dir={tmp_path / 'toy'}", "train.max_steps=3", "sample.every_steps=0", "sample.prompts=[]", "output.tensorboard=false", "--quiet")
+    assert code == 0, err
+    code, out, err = _run(capsys, "eval", "concept", str(tmp_path / "toy"), "--samples", "2")
+    assert code == 0, err
+    assert "concept fidelity" in out and "class preservation" in out
+    assert {p.name for p in (tmp_path / "toy" / "concept_eval").iterdir()} == {"report.md", "scores.json", "grid.png"}

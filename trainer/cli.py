@@ -63,6 +63,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toyworld_build(args: argparse.Namespace) -> int:
+    from trainer.toyworld.pretrain import build
+
+    print(f"Wrote the toy world to {build(Path(args.directory) if args.directory else None)}")
+    return 0
+
+
+def _eval_concept(args: argparse.Namespace) -> int:
+    from trainer.toyworld.evaluate import EvalSettings, evaluate_concept
+
+    report = evaluate_concept(args.target, args.out, EvalSettings(samples_per_prompt=args.samples, seed=args.seed))
+    print(report.markdown())
+    for path in report.files:
+        print(f"Wrote {path}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from trainer.bench import bench_from_args
 
@@ -107,6 +124,21 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="model weights' precision (default fp16)")
     convert.add_argument("--config", help="for a single-file source of another shape than SD1.5/SD2.1: its diffusers config folder")
     convert.set_defaults(run=_convert)
+
+    toyworld = commands.add_parser("toyworld", help="the toy world: a base model that knows shapes and frogs")
+    toyworld_commands = toyworld.add_subparsers(dest="toyworld_command", required=True)
+    build = toyworld_commands.add_parser("build", parents=[common], help="draw the world and pretrain the toy base and its judge (~20 min on 2 CPU cores)")
+    build.add_argument("directory", nargs="?", help="where to write it (default: the per-user cache that model.base: toy reads)")
+    build.set_defaults(run=_toyworld_build)
+
+    evaluate = commands.add_parser("eval", help="measure what training taught")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    concept = eval_commands.add_parser("concept", parents=[common], help="concept fidelity, class preservation and drift of a toy-base artifact")
+    concept.add_argument("target", help="an artifact (LoRA/LyCORIS file, DreamBooth folder or file) or a training output folder")
+    concept.add_argument("--out", help="report folder (default: <target folder>/concept_eval)")
+    concept.add_argument("--samples", type=int, default=40, help="images per prompt (default 40)")
+    concept.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
+    concept.set_defaults(run=_eval_concept)
 
     from trainer.bench import add_arguments
 

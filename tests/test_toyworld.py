@@ -1,0 +1,155 @@
+"""The toy world: a deterministic world, a judge that can tell its pictures apart, a shipped base model
+that `model.base: toy` loads, and a LoRA fine-tune that measurably teaches "sls frog"."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import REPO
+from trainer.errors import UserError
+from trainer.toyworld import pretrain, world
+from trainer.toyworld.evaluate import EvalSettings, Rate, change_interval, draw_samples, evaluate_concept, load_trained_model
+from trainer.toyworld.judge import JudgeTraining, accuracy, judge_pixels, train_judge
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """Each test run materialises the shipped toy base in its own cache, never in the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def _pixels(pictures):
+    return world.to_tensor([p.image for p in pictures])
+
+
+def test_world_is_deterministic_and_index_addressed():
+    first = world.pictures(world.PRETRAIN, 40)
+    again = world.pictures(world.PRETRAIN, 20, start=20)
+    assert [p.caption for p in first[20:]] == [p.caption for p in again]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(first[20:], again))
+    # Distinct indices and distinct splits draw distinct pictures.
+    assert not np.array_equal(np.asarray(first[0].image), np.asarray(first[1].image))
+    assert not np.array_equal(np.asarray(world.picture(world.INSTANCES, 0).image), np.asarray(world.picture(world.HELD_OUT, 0).image))
+    assert first[0].image.size == (world.RESOLUTION, world.RESOLUTION)
+
+
+def test_shipped_instance_pictures_are_the_worlds():
+    folder = REPO / "recipes" / "toy" / "sls_frog" / "10_sls frog"
+    for index, pic in enumerate(world.pictures(world.INSTANCES, 10), start=1):
+        shipped = np.asarray(Image.open(folder / f"{index:02d}.png").convert("RGB"), dtype=np.int16)
+        # Tolerates a Pillow whose resampling rounds differently, not a different drawing.
+        assert np.abs(shipped - np.asarray(pic.image, dtype=np.int16)).mean() < 1.0
+        assert (folder / f"{index:02d}.txt").read_text().strip() == world.CONCEPT_PROMPT
+
+
+def test_pretraining_world_never_shows_the_concept():
+    pictures = world.pictures(world.PRETRAIN, 600)
+    kinds = {p.kind for p in pictures}
+    assert world.SLS_FROG not in kinds and world.FROG in kinds and set(world.SHAPES) <= kinds
+    assert any(p.caption == "an orange star" or p.caption.startswith("an orange") for p in pictures)
+    assert {p.caption for p in pictures} <= set(world.world_prompts())
+
+
+def test_shipped_judge_beats_chance_by_a_wide_margin():
+    judge, _ = pretrain.load_judge()
+    # Indices past the build's test set: pictures neither its training nor its reported test saw.
+    pictures = world.pictures(world.JUDGE_TEST, 400, start=10_000)
+    result = accuracy(judge, _pixels(pictures), pictures)
+    assert result.kind > 0.9 and result.colour > 0.9  # chance: 1/6 each
+    assert result.sls_recall > 0.9 and result.sls_false_alarm < 0.05  # decoy frogs are not sls frogs
+
+
+def test_a_briefly_trained_judge_beats_chance():
+    pictures = world.pictures(world.JUDGE_TRAIN, 1500)
+    judge = train_judge(_pixels(pictures), pictures, JudgeTraining(steps=60, batch_size=64), log=lambda _: None)
+    test = world.pictures(world.JUDGE_TEST, 300, start=20_000)
+    result = accuracy(judge, _pixels(test), test)
+    assert result.kind > 0.5 and result.colour > 0.5
+
+
+def test_shipped_weights_are_what_this_code_builds():
+    # A change to the world, the architectures or the settings changes the version: the shipped files must follow.
+    from trainer.formats.safetensors_file import read_metadata
+
+    for name in (pretrain.BASE_FILE, pretrain.JUDGE_FILE):
+        assert read_metadata(pretrain.SHIPPED_WEIGHTS / name)["version"] == pretrain.version()
+
+
+def test_model_base_toy_loads_the_shipped_base():
+    from trainer.models.loading import load_base_model
+
+    model = load_base_model("toy")
+    assert model.name == pretrain.BASE_NAME and model.vae_scale_factor == 2
+    assert (pretrain.toy_cache_dir() / "base" / "model_index.json").is_file()
+    with torch.no_grad():
+        latents = model.vae.encode(_pixels(world.pictures(world.HELD_OUT, 2))).latent_dist.mean
+    assert latents.shape == (2, 4, pretrain.LATENT_SIZE, pretrain.LATENT_SIZE)
+
+
+def test_missing_toy_base_tells_how_to_build_it(tmp_path, monkeypatch):
+    from trainer.models.loading import load_base_model
+
+    monkeypatch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(pretrain, "SHIPPED_WEIGHTS", tmp_path / "no-weights")
+    with pytest.raises(UserError, match="sdtrain toyworld build"):
+        load_base_model("toy")
+
+
+def test_wilson_and_newcombe_intervals():
+    low, high = Rate(0, 10).interval()
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    assert Rate(5, 10).interval() == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    difference, low, high = change_interval(Rate(9, 10), Rate(1, 10))
+    assert difference == pytest.approx(0.8) and 0 < low < 0.8 < high <= 1
+
+
+def test_eval_refuses_a_run_on_another_base(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("method: lora\nmodel:\n  base: tiny\noutput:\n  name: x\n")
+    with pytest.raises(UserError, match="not on 'toy'"):
+        evaluate_concept(tmp_path)
+
+
+def test_lora_on_the_toy_base_teaches_sls_frog(tmp_path):
+    from trainer.loop import train
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(
+        REPO / "recipes" / "toy" / "sls_frog_lora.yaml",
+        [f"data.dir={REPO / 'recipes' / 'toy' / 'sls_frog'}", f"output.dir={tmp_path / 'run'}"],
+    )
+    train(recipe, show_progress=False)
+    report = evaluate_concept(tmp_path / "run", settings=EvalSettings(samples_per_prompt=24, steps=12, drift_prompts=("an orange square",)))
+    difference, low, _ = change_interval(report.trained.concept, report.base.concept)
+    assert low > 0, report.markdown()
+    assert report.trained.concept_distance.value < report.base.concept_distance.value
+    assert all(path.is_file() for path in report.files)
+    assert "concept fidelity" in (tmp_path / "run" / "concept_eval" / "report.md").read_text()
+
+
+@pytest.mark.skipif(not os.environ.get("SDTRAIN_SLOW_TESTS"), reason="two DreamBooth runs, about 2 minutes: set SDTRAIN_SLOW_TESTS=1")
+def test_prior_preservation_keeps_a_frog_a_frog(tmp_path):
+    from trainer.loop import train
+    from trainer.recipe import load_recipe
+
+    judge, _ = pretrain.load_judge()
+    frog_rates = {}
+    for prior in (True, False):
+        output = tmp_path / f"prior-{prior}"
+        recipe = load_recipe(
+            REPO / "recipes" / "toy" / "sls_frog_dreambooth.yaml",
+            [f"data.dir={REPO / 'recipes' / 'toy' / 'sls_frog'}", f"output.dir={output}",
+             f"dreambooth.class_dir={tmp_path / 'class'}", f"dreambooth.prior_preservation={str(prior).lower()}"],
+        )
+        train(recipe, show_progress=False)
+        model, _ = load_trained_model(output, pretrain.toy_base_dir())
+        samples = draw_samples(model, [world.CLASS_PROMPT], EvalSettings(samples_per_prompt=24, steps=12))
+        frog_rates[prior] = Rate(judge_pixels(judge, samples[world.CLASS_PROMPT]).kinds.count(world.FROG), 24)
+    _, low, _ = change_interval(frog_rates[True], frog_rates[False])
+    assert low > 0, frog_rates
