@@ -18,9 +18,10 @@ TINY_RESOLUTION = 128
 TEXT_WIDTH = 64
 
 
-def _seeded(build, offset: int):
+def seeded(build, seed: int):
+    """``build()`` with torch's global generator seeded, leaving the caller's generator state untouched."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED + offset)
+        torch.manual_seed(seed)
         return build()
 
 
@@ -53,21 +54,26 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder() -> CLIPTextModel:
+def small_clip_text_encoder(width: int, layers: int) -> CLIPTextModel:
+    """A CLIP text encoder with CLIP's full vocabulary and special tokens at a small width (tiny and toy models)."""
     config = CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=3,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=TEXT_WIDTH,
+        projection_dim=width,
         hidden_act="quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
     )
     return CLIPTextModel(config)
+
+
+def tiny_text_encoder() -> CLIPTextModel:
+    return small_clip_text_encoder(TEXT_WIDTH, layers=3)
 
 
 def sd_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -85,9 +91,9 @@ def sd_noise_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
 def tiny_components() -> dict:
     """unet, vae, text_encoder, tokenizer, scheduler of the built-in model (fp32, CPU, eval mode)."""
     components = {
-        "unet": _seeded(tiny_unet, 0),
-        "vae": _seeded(tiny_vae, 1),
-        "text_encoder": _seeded(tiny_text_encoder, 2),
+        "unet": seeded(tiny_unet, TINY_SEED),
+        "vae": seeded(tiny_vae, TINY_SEED + 1),
+        "text_encoder": seeded(tiny_text_encoder, TINY_SEED + 2),
         "tokenizer": clip_tokenizer(),
         "scheduler": sd_noise_scheduler(),
     }

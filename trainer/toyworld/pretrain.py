@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from trainer import diffusion
 from trainer.atomic import staged_directory, write_text
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata, save_safetensors
 from trainer.models.loading import BaseModel, save_diffusers_folder
-from trainer.models.tiny import sd_noise_scheduler
-from trainer.models.tokenizer import VOCAB_SIZE, clip_tokenizer
+from trainer.models.tiny import sd_noise_scheduler, seeded, small_clip_text_encoder
+from trainer.models.tokenizer import clip_tokenizer
 from trainer.toyworld import world
 from trainer.toyworld.judge import Judge, JudgeTraining, accuracy, judge_metadata, train_judge
 
@@ -84,21 +84,7 @@ def toy_unet() -> UNet2DConditionModel:
 
 
 def toy_text_encoder() -> CLIPTextModel:
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=4 * TEXT_WIDTH,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=TEXT_WIDTH,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    return small_clip_text_encoder(TEXT_WIDTH, layers=2)
 
 
 @dataclass(frozen=True)
@@ -142,12 +128,6 @@ def toy_cache_dir(settings: Pretraining = Pretraining()) -> Path:
 # --- training -------------------------------------------------------------------------------------
 
 
-def _seeded(build, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def _one_cycle(params, lr: float, steps: int):
     # No weight decay: it would shrink the embeddings of tokens the world never shows (e.g. "sls") to zero.
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -155,7 +135,7 @@ def _one_cycle(params, lr: float, steps: int):
 
 
 def train_vae(pixels: torch.Tensor, settings: Pretraining, log=print) -> AutoencoderKL:
-    vae = _seeded(toy_vae, settings.seed)
+    vae = seeded(toy_vae, settings.seed)
     optimizer, schedule = _one_cycle(vae.parameters(), settings.vae_lr, settings.vae_steps)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     vae.train()
@@ -188,8 +168,8 @@ def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256)
 
 def train_unet_and_text_encoder(latents: torch.Tensor, captions: list[str], settings: Pretraining, log=print) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Joint denoising training on scaled latents; ``caption_dropout`` of the captions are empty (for CFG)."""
-    unet = _seeded(toy_unet, settings.seed + 2)
-    text_encoder = _seeded(toy_text_encoder, settings.seed + 3)
+    unet = seeded(toy_unet, settings.seed + 2)
+    text_encoder = seeded(toy_text_encoder, settings.seed + 3)
     tokenizer = clip_tokenizer()
     scheduler = sd_noise_scheduler()
     prompts = sorted(set(captions)) + [""]
