@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import trainer  # noqa: F401  (first: it sets MKL_CBWR before any test module imports torch)
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
