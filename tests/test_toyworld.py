@@ -133,6 +133,67 @@ def test_lora_on_the_toy_base_teaches_sls_frog(tmp_path):
     assert "concept fidelity" in (tmp_path / "run" / "concept_eval" / "report.md").read_text()
 
 
+def _train_toy(recipe_name: str, output, *overrides: str):
+    from trainer.loop import train
+    from trainer.recipe import load_recipe
+
+    recipe = load_recipe(
+        REPO / "recipes" / "toy" / recipe_name,
+        [f"data.dir={REPO / 'recipes' / 'toy' / 'sls_frog'}", f"output.dir={output}", "train.max_steps=2", *overrides],
+    )
+    train(recipe, show_progress=False)
+
+
+QUICK_EVAL = EvalSettings(samples_per_prompt=2, steps=4, drift_prompts=("an orange square",))
+
+
+def test_eval_concept_reads_textual_inversion_in_every_format(tmp_path):
+    from trainer.toyworld.evaluate import TrainedModel
+
+    _train_toy("sls_frog_ti.yaml", tmp_path / "run", "output.formats=[a1111,a1111_pt,diffusers]")
+    report = evaluate_concept(tmp_path / "run", settings=QUICK_EVAL)
+    # The embedding is asked for by its own word, which the base does not know.
+    assert "Textual Inversion" in report.artifact and '"a sls_frog"' in report.artifact
+    assert report.trained.concept.count == 2 and (tmp_path / "run" / "concept_eval" / "grid.png").is_file()
+    for artifact in ("sls_frog.safetensors", "sls_frog.pt", "sls_frog_diffusers/learned_embeds.safetensors"):
+        trained = load_trained_model(tmp_path / "run" / artifact, pretrain.toy_base_dir())
+        assert isinstance(trained, TrainedModel) and trained.concept_prompt == "a sls_frog"
+        # The word and its second vector are known words now, and the pipeline expands the word to both.
+        assert {"sls_frog", "sls_frog_1"} <= set(trained.model.tokenizer.get_vocab())
+
+
+def test_eval_concept_reads_a_hypernetwork_as_pt_and_safetensors(tmp_path):
+    _train_toy("sls_frog_hypernetwork.yaml", tmp_path / "run")
+    from_folder = evaluate_concept(tmp_path / "run", settings=QUICK_EVAL)
+    from_pickle = evaluate_concept(tmp_path / "run" / "sls_frog_toy.pt", tmp_path / "pt_eval", settings=QUICK_EVAL)
+    assert "hypernetwork" in from_folder.artifact and from_folder.artifact.endswith("sls_frog_toy.safetensors)")
+    # The two files hold the same weights: the trained model draws the same pictures from either.
+    assert from_folder.as_dict()["trained"] == from_pickle.as_dict()["trained"]
+    model = load_trained_model(tmp_path / "run", pretrain.toy_base_dir()).model
+    assert hasattr(model.unet, "hypernetwork")
+
+
+def test_bench_table_has_one_row_per_run(tmp_path):
+    from trainer.toyworld.bench import bench_runs, toyworld_bench
+
+    methods = ["textual_inversion", "hypernetwork"]
+    table = toyworld_bench(tmp_path, samples=2, methods=methods, log=lambda _: None, train_steps=2)
+    runs = bench_runs(tmp_path, methods, train_steps=2)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["base", *(run.name for run in runs)]
+    assert len(runs) == 2 and (tmp_path / "bench.md").read_text().strip() == table
+
+
+def test_bench_runs_prior_preservation_both_ways_where_it_applies(tmp_path):
+    from trainer.toyworld.bench import bench_runs
+
+    runs = {run.name: run for run in bench_runs(tmp_path)}
+    assert {"sls_frog_dreambooth + prior", "sls_frog_dreambooth (no prior)", "sls_frog_lora + prior", "sls_frog_lora (no prior)"} <= set(runs)
+    assert runs["sls_frog_ti"].prior is None
+    output_dirs = {override for run in runs.values() for override in run.overrides if override.startswith("output.dir=")}
+    assert len(output_dirs) == len(runs)  # every run has its own output folder
+
+
 @pytest.mark.skipif(not os.environ.get("SDTRAIN_SLOW_TESTS"), reason="two DreamBooth runs, about 2 minutes: set SDTRAIN_SLOW_TESTS=1")
 def test_prior_preservation_keeps_a_frog_a_frog(tmp_path):
     from trainer.loop import train
@@ -148,7 +209,7 @@ def test_prior_preservation_keeps_a_frog_a_frog(tmp_path):
              f"dreambooth.class_dir={tmp_path / 'class'}", f"dreambooth.prior_preservation={str(prior).lower()}"],
         )
         train(recipe, show_progress=False)
-        model, _ = load_trained_model(output, pretrain.toy_base_dir())
+        model = load_trained_model(output, pretrain.toy_base_dir()).model
         samples = draw_samples(model, [world.CLASS_PROMPT], EvalSettings(samples_per_prompt=24, steps=12))
         frog_rates[prior] = Rate(judge_pixels(judge, samples[world.CLASS_PROMPT]).kinds.count(world.FROG), 24)
     _, low, _ = change_interval(frog_rates[True], frog_rates[False])

@@ -70,6 +70,13 @@ def _toyworld_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toyworld_bench(args: argparse.Namespace) -> int:
+    from trainer.toyworld.bench import toyworld_bench
+
+    print(toyworld_bench(Path(args.out), samples=args.samples))
+    return 0
+
+
 def _eval_concept(args: argparse.Namespace) -> int:
     from trainer.toyworld.evaluate import EvalSettings, evaluate_concept
 
@@ -130,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     build = toyworld_commands.add_parser("build", parents=[common], help="draw the world and pretrain the toy base and its judge (~20 min on 2 CPU cores)")
     build.add_argument("directory", nargs="?", help="where to write it (default: the per-user cache that model.base: toy reads)")
     build.set_defaults(run=_toyworld_build)
+    toy_bench = toyworld_commands.add_parser("bench", parents=[common], help="train every toy recipe (± prior preservation) and evaluate each: one table")
+    toy_bench.add_argument("--out", default="output/toyworld_bench", help="where runs and the table go (default output/toyworld_bench)")
+    toy_bench.add_argument("--samples", type=int, default=40, help="images per prompt in each evaluation (default 40)")
+    toy_bench.set_defaults(run=_toyworld_bench)
 
     evaluate = commands.add_parser("eval", help="measure what training taught")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)

@@ -1,7 +1,7 @@
 """``sdtrain eval concept``: did training teach "sls frog", and what did it cost the rest of the model?
 
-An artifact (a kohya-named LoRA or LyCORIS file, a full checkpoint as one file or a diffusers folder, or a training
-output folder holding one) is put on the toy base. Base and trained model then draw the same N
+An artifact (a kohya-named LoRA or LyCORIS file, a full checkpoint as one file or a diffusers folder, a Textual
+Inversion embedding, a hypernetwork, or a training output folder holding one) is put on the toy base. Base and trained model then draw the same N
 pictures per prompt, picture i from seed ``seed + i``, and the judge reads them:
 
 * concept fidelity: "a sls frog" judged an sls frog, and the nearest-neighbour distance (judge
@@ -28,7 +28,9 @@ from safetensors import safe_open
 
 from trainer.atomic import write_file, write_text
 from trainer.errors import UserError
-from trainer.formats import kohya_lora, lycoris
+from trainer.formats import a1111_hypernetwork, kohya_lora, lycoris
+from trainer.formats import textual_inversion as ti_format
+from trainer.formats.safetensors_file import read_metadata
 from trainer.models.loading import BaseModel, load_base_model
 from trainer.toyworld import world
 from trainer.toyworld.judge import Judge, JudgeAccuracy, accuracy_from_metadata, judge_pixels
@@ -122,6 +124,17 @@ def apply_network(model: BaseModel, path: Path) -> None:
         )
 
 
+def _artifact_names(recipe: dict) -> list[str]:
+    """The file and folder names a run's artifact can have, in the order they are tried."""
+    if recipe.get("method") == "textual_inversion":
+        # Embeddings are named after the placeholder (the UIs take the prompt word from the file name).
+        placeholder = recipe.get("textual_inversion", {}).get("placeholder", "")
+        return [f"{placeholder}.safetensors", f"{placeholder}_diffusers/{ti_format.DIFFUSERS_FILE_NAME}", f"{placeholder}.pt"]
+    name = recipe.get("output", {}).get("name", "model")
+    # Hypernetworks: the safetensors twin first, so no pickle is read when there is a choice.
+    return [f"{name}.safetensors", f"{name}_diffusers", f"{name}.pt"]
+
+
 def _artifact_of_output_dir(directory: Path) -> Path:
     recipe_path = directory / "recipe.yaml"
     if not recipe_path.is_file():
@@ -136,35 +149,98 @@ def _artifact_of_output_dir(directory: Path) -> Path:
             f"The run in '{directory}' trained on model.base '{base}', not on 'toy'. `sdtrain eval concept` measures what "
             "a run taught the toy base; train with a recipe from recipes/toy/."
         )
-    name = recipe.get("output", {}).get("name", "model")
-    for candidate in (directory / f"{name}.safetensors", directory / f"{name}_diffusers"):
-        if candidate.exists():
-            return candidate
-    raise UserError(f"The run in '{directory}' has no artifact '{name}.safetensors' or '{name}_diffusers' yet. Let it finish, or pass the artifact.")
+    names = _artifact_names(recipe)
+    for name in names:
+        if (directory / name).exists():
+            return directory / name
+    raise UserError(f"The run in '{directory}' has no artifact ({', '.join(names)}) yet. Let it finish, or pass the artifact.")
 
 
-def load_trained_model(target: Path, base_dir: Path) -> tuple[BaseModel, str]:
-    """The toy base with ``target`` applied, and what kind of artifact it was."""
+def concept_prompt_for_word(word: str) -> str:
+    """``world.CONCEPT_PROMPT`` ("a sls frog") with ``word`` for its noun: how a Textual Inversion is asked for the concept."""
+    return f"a {word}"
+
+
+@dataclass
+class TrainedModel:
+    model: BaseModel
+    description: str  # what kind of artifact it was, for the report
+    # The prompt that asks this model for the concept: the world's, or "a <placeholder>" for an embedding.
+    concept_prompt: str = world.CONCEPT_PROMPT
+
+
+def apply_embedding(model: BaseModel, path: Path) -> str:
+    """Add an embedding's word to the tokenizer and text encoder, as diffusers' ``load_textual_inversion`` does.
+
+    The word is the one the file names (diffusers key, A1111 ``.pt`` name) or, as in AUTOMATIC1111 and
+    ComfyUI, the file's name. Its vectors become the tokens ``word``, ``word_1``, ...; the sampling
+    pipeline expands the word to all of them. Returns the word.
+    """
+    from trainer.methods.textual_inversion.method import placeholder_tokens
+
+    embedding = ti_format.read_embedding(path)
+    word = embedding.token or path.stem
+    width = model.text_encoder.get_input_embeddings().weight.shape[1]
+    if embedding.vectors.shape[1] != width:
+        raise UserError(
+            f"The embedding '{path}' has {embedding.vectors.shape[1]}-wide vectors, but the toy base's text encoder is {width} wide: "
+            "it was trained on another base model. Train it with model.base: toy (recipes/toy/sls_frog_ti.yaml)."
+        )
+    tokens = placeholder_tokens(word, embedding.vectors.shape[0])
+    if model.tokenizer.add_tokens(tokens) != len(tokens):
+        raise UserError(f"The embedding's word '{word}' ('{path}') is a word the toy base already knows; rename the file to a made-up word.")
+    # The new rows are overwritten below: no need for transformers to initialise them from the table's statistics.
+    model.text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
+    table = model.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[model.tokenizer.convert_tokens_to_ids(tokens)] = embedding.vectors.to(table.dtype)
+    return word
+
+
+def _is_embedding(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return len(_safetensors_keys(path)) == 1
+    # An A1111 embedding .pt holds "string_to_param"; a hypernetwork .pt holds context widths.
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a safe pickle: the hypernetwork reader says why, in a UserError
+        return False
+    return isinstance(content, dict) and "string_to_param" in content
+
+
+def load_trained_model(target: Path, base_dir: Path) -> TrainedModel:
+    """The toy base with ``target`` applied, what kind of artifact it was, and how it is asked for the concept."""
+    from trainer.methods.hypernetwork.module import load_hypernetwork
+
     target = Path(target)
     if target.is_dir() and not (target / "model_index.json").is_file():
         target = _artifact_of_output_dir(target)
     if target.is_dir():
-        return load_base_model(str(target)), f"full model (diffusers folder {target})"
+        return TrainedModel(load_base_model(str(target)), f"full model (diffusers folder {target})")
     if not target.is_file():
         raise UserError(f"'{target}' does not exist. Pass a training output folder or an artifact file.")
-    if target.suffix != ".safetensors":
-        raise UserError(f"'{target}' is not a .safetensors file; `sdtrain eval concept` reads the safetensors artifacts sdtrain writes.")
+    if target.suffix not in (".safetensors", ".pt"):
+        raise UserError(f"'{target}' is neither a .safetensors nor a .pt file; `sdtrain eval concept` reads the artifacts sdtrain writes.")
+    if _is_embedding(target):
+        model = load_base_model(str(base_dir))
+        word = apply_embedding(model, target)
+        prompt = concept_prompt_for_word(word)
+        return TrainedModel(model, f"Textual Inversion embedding '{word}' ({target}), asked for as \"{prompt}\"", prompt)
+    if target.suffix == ".pt" or read_metadata(target).get(a1111_hypernetwork.FORMAT_KEY) == a1111_hypernetwork.FORMAT_NAME:
+        model = load_base_model(str(base_dir))
+        load_hypernetwork(model.unet, target, strength=1.0)
+        return TrainedModel(model, f"hypernetwork at strength 1 ({target})")
     keys = _safetensors_keys(target)
     if any(key.startswith((kohya_lora.UNET_PREFIX, kohya_lora.TEXT_ENCODER_PREFIX, lycoris.GENERIC_PREFIX)) for key in keys):
         model = load_base_model(str(base_dir))
         apply_network(model, target)
-        return model, f"LoRA / LyCORIS (kohya-named file {target})"
+        return TrainedModel(model, f"LoRA / LyCORIS (kohya-named file {target})")
     if any(key.startswith("model.diffusion_model.") for key in keys):
         # The file holds weights only; the toy base's folder says what architecture they fill.
-        return load_base_model(str(target), config=str(base_dir)), f"full model (single file {target})"
+        return TrainedModel(load_base_model(str(target), config=str(base_dir)), f"full model (single file {target})")
     raise UserError(
-        f"'{target}' is neither a LoRA / LyCORIS file (lora_unet_* keys) nor a full checkpoint (model.diffusion_model.* keys); "
-        "`sdtrain eval concept` cannot put it on the toy base yet."
+        f"'{target}' is none of a LoRA / LyCORIS file (lora_unet_* keys), a full checkpoint (model.diffusion_model.* keys), "
+        "an embedding (one tensor) or a hypernetwork (an sdtrain safetensors twin); `sdtrain eval concept` cannot put it on the toy base."
     )
 
 
@@ -172,8 +248,12 @@ def load_trained_model(target: Path, base_dir: Path) -> tuple[BaseModel, str]:
 
 
 @torch.no_grad()
-def draw_samples(model: BaseModel, prompts: list[str], settings: EvalSettings) -> dict[str, torch.Tensor]:
-    """``samples_per_prompt`` pictures per prompt in [-1, 1]; picture i of every prompt comes from seed + i."""
+def draw_samples(model: BaseModel, prompts: list[str], settings: EvalSettings, wording: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """``samples_per_prompt`` pictures per prompt in [-1, 1]; picture i of every prompt comes from seed + i.
+
+    ``wording`` maps a prompt to the words this model is asked with instead (an embedding's placeholder);
+    the pictures stay keyed by the prompt.
+    """
     from trainer.sampling import sampling_pipeline
 
     pipe = sampling_pipeline(model, torch.device("cpu"))
@@ -185,7 +265,7 @@ def draw_samples(model: BaseModel, prompts: list[str], settings: EvalSettings) -
     for prompt in prompts:
         generators = [torch.Generator("cpu").manual_seed(settings.seed + i) for i in range(count)]
         images = pipe(
-            [prompt] * count,
+            [(wording or {}).get(prompt, prompt)] * count,
             height=world.RESOLUTION,
             width=world.RESOLUTION,
             num_inference_steps=settings.steps,
@@ -325,28 +405,42 @@ def image_grid(rows: list[tuple[str, torch.Tensor]], columns: int = 10, scale: i
     return grid
 
 
+def evaluation_prompts(settings: EvalSettings) -> list[str]:
+    return [world.CONCEPT_PROMPT, world.CLASS_PROMPT, *settings.drift_prompts]
+
+
+def draw_base_samples(settings: EvalSettings, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The toy base's pictures for every evaluation prompt; the same for every artifact evaluated with ``settings``."""
+    return draw_samples(load_base_model(str(base_dir or toy_base_dir())), evaluation_prompts(settings), settings)
+
+
 def evaluate_concept(
     target: Path | str,
     output_dir: Path | str | None = None,
     settings: EvalSettings = EvalSettings(),
     base_dir: Path | None = None,
+    base_samples: dict[str, torch.Tensor] | None = None,
 ) -> ConceptReport:
     """Measure what the artifact (or training output folder) ``target`` taught the toy base.
 
+    The base is asked the world's prompts; a Textual Inversion is asked for the concept by its own
+    word ("a sls_frog"), which the base does not know. ``base_samples`` (from :func:`draw_base_samples`
+    with the same settings) saves drawing the base's pictures again when several artifacts are evaluated.
     Writes ``report.md``, ``scores.json`` and ``grid.png`` to ``output_dir`` (default:
     ``<target folder>/concept_eval``) and returns the report.
     """
     target = Path(target)
     base_dir = Path(base_dir) if base_dir else toy_base_dir()
-    trained_model, artifact = load_trained_model(target, base_dir)
+    trained = load_trained_model(target, base_dir)
     judge, metadata = load_judge()
     judge_real, judge_reconstructed = accuracy_from_metadata(metadata)
     held_out, held_out_distance = held_out_embeddings(judge)
-    prompts = [world.CONCEPT_PROMPT, world.CLASS_PROMPT, *settings.drift_prompts]
-    base_samples = draw_samples(load_base_model(str(base_dir)), prompts, settings)
-    trained_samples = draw_samples(trained_model, prompts, settings)
+    prompts = evaluation_prompts(settings)
+    if base_samples is None:
+        base_samples = draw_base_samples(settings, base_dir)
+    trained_samples = draw_samples(trained.model, prompts, settings, wording={world.CONCEPT_PROMPT: trained.concept_prompt})
     report = ConceptReport(
-        artifact=artifact,
+        artifact=trained.description,
         settings=settings,
         base=score(judge, base_samples, held_out, settings),
         trained=score(judge, trained_samples, held_out, settings),
