@@ -136,16 +136,21 @@ def _rotate(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def latest_complete(output_dir: Path) -> Path | None:
+    found = _complete_checkpoints(Path(output_dir) / "checkpoints")
+    return found[-1][1] if found else None
+
+
 def resolve_checkpoint(output_dir: Path, resume: str) -> Path:
     """``latest`` -> the newest complete checkpoint under ``output_dir``; anything else is a path."""
     if resume == "latest":
-        found = _complete_checkpoints(Path(output_dir) / "checkpoints")
-        if not found:
+        latest = latest_complete(output_dir)
+        if latest is None:
             raise UserError(
                 f"--resume latest: no complete checkpoint under '{Path(output_dir) / 'checkpoints'}'. "
                 "Check output.dir, or set train.save_every_steps so the run writes checkpoints."
             )
-        return found[-1][1]
+        return latest
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise UserError(f"--resume '{resume}' is not a complete sdtrain checkpoint folder (no state.json). Pass 'latest' or a folder like checkpoints/step-00000010.")

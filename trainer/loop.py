@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from trainer import diffusion
 from trainer.atomic import write_text
-from trainer.checkpoint import Progress, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.checkpoint import Progress, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
@@ -190,7 +190,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             with accelerator.autocast():
                 loss = method.loss(latents, batch.captions, batch.loss_weights, noise, timesteps)
             if not torch.isfinite(loss):
-                last = resolve_checkpoint(output_dir, "latest") if any((output_dir / "checkpoints").glob("step-*")) else None
+                last = latest_complete(output_dir)
                 raise TrainingDiverged(
                     f"Training diverged at step {progress.step + 1}: the loss is {loss.item()}. "
                     + (f"The last good checkpoint is '{last}'. " if last else "No checkpoint was written yet. ")
