@@ -74,3 +74,14 @@ def staged_directory(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_legacy_torch_file(path: Path, content: dict) -> Path:
+    """A ``.pt`` in torch's legacy (pre-zip) serialisation, atomically.
+
+    AUTOMATIC1111's pickle checker accepts only that layout for embeddings and hypernetworks, and
+    ``torch.load(weights_only=True)`` still reads it.
+    """
+    import torch
+
+    return write_file(path, lambda tmp: torch.save(content, tmp, _use_new_zipfile_serialization=False))

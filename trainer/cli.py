@@ -40,20 +40,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_hypernetwork(path: Path) -> bool:
-    from trainer.formats.a1111_hypernetwork import FORMAT_KEY, FORMAT_NAME
-    from trainer.formats.safetensors_file import read_metadata
-
-    if path.suffix.lower() == ".pt":
-        return True
-    return path.suffix.lower() == ".safetensors" and path.is_file() and read_metadata(path).get(FORMAT_KEY) == FORMAT_NAME
-
-
 def _convert(args: argparse.Namespace) -> int:
-    src, dst = Path(args.src), Path(args.dst)
-    if _is_hypernetwork(src):
-        from trainer.formats.a1111_hypernetwork import convert_hypernetwork
+    from trainer.formats.a1111_hypernetwork import convert_hypernetwork, is_hypernetwork_file
 
+    src, dst = Path(args.src), Path(args.dst)
+    if is_hypernetwork_file(src):
         written = convert_hypernetwork(src, dst)
     else:
         from trainer.convert import convert_checkpoint

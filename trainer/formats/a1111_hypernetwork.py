@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.atomic import write_file
+from trainer.atomic import write_legacy_torch_file
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata, save_safetensors
 
@@ -119,8 +119,7 @@ def save_pt(path: Path, hypernetwork: HypernetworkFile) -> Path:
         for width, pair in hypernetwork.layers.items()
     }
     content.update(hypernetwork.info)
-    # Legacy serialisation: the only torch.save layout AUTOMATIC1111's pickle checker accepts.
-    return write_file(Path(path), lambda tmp: torch.save(content, tmp, _use_new_zipfile_serialization=False))
+    return write_legacy_torch_file(Path(path), content)
 
 
 def load_pt(path: Path) -> HypernetworkFile:
@@ -193,6 +192,14 @@ def _suffix(path: Path, role: str) -> str:
     if suffix not in READERS:
         raise UserError(f"The {role} '{path}' must end in .pt (AUTOMATIC1111) or .safetensors (sdtrain's twin), not '{path.suffix}'.")
     return suffix
+
+
+def is_hypernetwork_file(path: Path) -> bool:
+    """A ``.pt`` (AUTOMATIC1111 keeps hypernetworks there) or sdtrain's safetensors twin, told by its metadata."""
+    path = Path(path)
+    if path.suffix.lower() == ".pt":
+        return True
+    return path.suffix.lower() == ".safetensors" and path.is_file() and read_metadata(path).get(FORMAT_KEY) == FORMAT_NAME
 
 
 def read_hypernetwork(path: Path) -> HypernetworkFile:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from trainer.atomic import write_file
+from trainer.atomic import write_legacy_torch_file
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now, modelspec, read_metadata, save_safetensors
 
@@ -63,7 +63,7 @@ def save_a1111_pt(path: Path, vectors: torch.Tensor, *, name: str, step: int, sd
         "sd_checkpoint": sd_checkpoint,
         "sd_checkpoint_name": sd_checkpoint_name,
     }
-    return write_file(path, lambda tmp: torch.save(payload, tmp, _use_new_zipfile_serialization=False))
+    return write_legacy_torch_file(path, payload)
 
 
 def save_diffusers(path: Path, token: str, vectors: torch.Tensor, metadata: dict[str, str]) -> Path:

@@ -30,7 +30,6 @@ from trainer.atomic import write_file, write_text
 from trainer.errors import UserError
 from trainer.formats import a1111_hypernetwork, kohya_lora, lycoris
 from trainer.formats import textual_inversion as ti_format
-from trainer.formats.safetensors_file import read_metadata
 from trainer.models.loading import BaseModel, load_base_model
 from trainer.toyworld import world
 from trainer.toyworld.judge import Judge, JudgeAccuracy, accuracy_from_metadata, judge_pixels
@@ -226,7 +225,7 @@ def load_trained_model(target: Path, base_dir: Path) -> TrainedModel:
         word = apply_embedding(model, target)
         prompt = concept_prompt_for_word(word)
         return TrainedModel(model, f"Textual Inversion embedding '{word}' ({target}), asked for as \"{prompt}\"", prompt)
-    if target.suffix == ".pt" or read_metadata(target).get(a1111_hypernetwork.FORMAT_KEY) == a1111_hypernetwork.FORMAT_NAME:
+    if a1111_hypernetwork.is_hypernetwork_file(target):
         model = load_base_model(str(base_dir))
         load_hypernetwork(model.unet, target, strength=1.0)
         return TrainedModel(model, f"hypernetwork at strength 1 ({target})")
