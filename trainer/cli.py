@@ -24,12 +24,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _base(args: argparse.Namespace) -> int:
-    from trainer.models.loading import load_base_model, save_diffusers_folder
+    from trainer.models.export import save_diffusers_folder
+    from trainer.models.loading import builtin_base_names, load_base_model
 
-    if args.name != "tiny":
-        raise UserError(f"'sdtrain base {args.name}': the only built-in model is 'tiny'.")
-    save_diffusers_folder(load_base_model("tiny"), Path(args.directory))
-    print(f"Wrote the built-in tiny model as a diffusers folder to {args.directory}")
+    if args.name not in builtin_base_names():
+        raise UserError(f"'sdtrain base {args.name}': there is no built-in model of that name; use one of {', '.join(builtin_base_names())}.")
+    save_diffusers_folder(load_base_model(args.name), Path(args.directory))
+    print(f"Wrote the built-in {args.name} model as a diffusers folder to {args.directory}")
     return 0
 
 
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     base = commands.add_parser("base", parents=[common], help="write a built-in base model as a diffusers folder")
-    base.add_argument("name", help="'tiny'")
+    base.add_argument("name", help="'tiny' (SD1), 'tiny-sdxl' or 'toy'")
     base.add_argument("directory")
     base.set_defaults(run=_base)
 

@@ -1,4 +1,4 @@
-"""``sdtrain convert``: a whole SD1.x/SD2.x model between the diffusers folder and the single-file layout.
+"""``sdtrain convert``: a whole SD1.x/SD2.x/SDXL model between the diffusers folder and the single-file layout.
 
 The direction follows the paths: a destination ending in ``.safetensors`` gets one original (ldm)
 layout file, as AUTOMATIC1111 and ComfyUI load it; any other destination becomes a diffusers folder.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.formats.ldm_checkpoint import save_single_file
 from trainer.formats.safetensors_file import DTYPES
-from trainer.models.loading import load_base_model, save_diffusers_folder
+from trainer.models.export import save_diffusers_folder, save_single_file
+from trainer.models.loading import load_base_model
 
 SINGLE_FILE_SUFFIX = ".safetensors"
 
@@ -35,16 +35,13 @@ def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None 
     if dst.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"Convert: '{dst}' names a pickle; sdtrain writes single files as {SINGLE_FILE_SUFFIX} only (every UI loads them). Use a {SINGLE_FILE_SUFFIX} name.")
     try:
-        model = load_base_model(str(src), str(config) if config else None)
+        model = load_base_model(str(src), config=str(config) if config else None)
     except UserError as err:
         # The loader speaks in recipe keys; here model.base is the source and model.config the --config option.
         raise UserError(f"Convert: {err} (For sdtrain convert, model.base is the source and model.config the --config option.)") from None
     if dst.suffix.lower() == SINGLE_FILE_SUFFIX:
-        return save_single_file(
-            dst, model.unet, model.vae, model.text_encoder, is_v2=model.is_v2,
-            prediction_type=model.noise_scheduler.config.prediction_type, dtype=DTYPES[dtype], title=dst.stem,
-        )
-    for part in (model.unet, model.vae, model.text_encoder):
+        return save_single_file(model, dst, dtype=DTYPES[dtype], title=dst.stem)
+    for part in model.parts().values():
         part.to(DTYPES[dtype])
     save_diffusers_folder(model, dst)
     return dst

@@ -1,4 +1,4 @@
-"""The denoising objective shared by every method: noise, targets, loss weighting, prompt encoding.
+"""The denoising objective shared by every method: noise, timesteps, targets, loss weighting.
 
 All randomness of a training step comes from one generator seeded by (train.seed, step), so a run
 resumed at step k draws exactly the noise the uninterrupted run drew.
@@ -55,16 +55,23 @@ def per_sample_loss(
     return loss
 
 
-def final_layer_norm(text_encoder) -> torch.nn.Module:
-    # transformers 5 moved the CLIP text tower's modules up one level (no .text_model).
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm
+class DDPMObjective:
+    """The denoising objective of the DDPM-trained families (SD1, SD2, SDXL), over their noise scheduler.
 
+    A flow-matching family (SD3, Flux) brings its own objective with the same four calls.
+    """
 
-def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int, device: torch.device) -> torch.Tensor:
-    """CLIP hidden states for ``captions``; clip_skip 2 takes the penultimate layer, then the final norm (A1111/kohya)."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    output = text_encoder(ids.to(device), output_hidden_states=clip_skip > 1)
-    if clip_skip <= 1:
-        return output.last_hidden_state
-    return final_layer_norm(text_encoder)(output.hidden_states[-clip_skip])
+    def __init__(self, scheduler: DDPMScheduler):
+        self.scheduler = scheduler
+
+    def sample(self, latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_noise(latents, generator, noise_offset, self.scheduler.config.num_train_timesteps)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return target_for(self.scheduler, latents, noise, timesteps)
+
+    def per_sample_loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+        return per_sample_loss(prediction, target, timesteps, self.scheduler, min_snr_gamma)

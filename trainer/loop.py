@@ -21,8 +21,8 @@ from trainer.checkpoint import Progress, latest_complete, load_checkpoint, resol
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
-from trainer.methods.base import ExportContext
-from trainer.models.loading import load_base_model
+from trainer.methods.base import ExportContext, TrainingBatch
+from trainer.models.loading import load_recipe_model, locate_base
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 
@@ -66,12 +66,27 @@ def _check_recipe(recipe: Recipe) -> None:
         raise UserError("Recipe key 'sample.every_steps' is set but 'sample.prompts' is empty. Add prompts or set sample.every_steps=0.")
 
 
+def _check_sizes(recipe: Recipe, model) -> None:
+    """Image sides must pass through the VAE and every UNet downsampling whole."""
+    multiple = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
+    data = recipe.data
+    for key, value in (("data.resolution", data.resolution), ("data.buckets.step", data.buckets.step if data.buckets.enabled else multiple)):
+        if value % multiple:
+            raise UserError(
+                f"Recipe key '{key}' is {value}, but this {model.family.title} model needs multiples of {multiple} px "
+                f"(its VAE shrinks images {model.vae_scale_factor}x and its UNet halves them {len(model.unet.config.block_out_channels) - 1} times). "
+                f"Set {key} to a multiple of {multiple}."
+            )
+
+
 def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
-    """Frozen parts in the compute dtype, trained parameters in fp32 (mixed precision's master weights)."""
-    for part in (model.unet, model.vae, model.text_encoder):
+    """Frozen parts in the compute dtype (the VAE in fp32 if model.vae_fp32), trained parameters in fp32
+    (mixed precision's master weights)."""
+    for name, part in model.parts().items():
+        dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
         part.to(device)
-        if part.dtype != weight_dtype:
-            part.to(dtype=weight_dtype)
+        if part.dtype != dtype:
+            part.to(dtype=dtype)
         part.eval()
     trainable = []
     for module in method.trainable_modules().values():
@@ -94,7 +109,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from trainer.data import LatentCache, TrainingData, vae_fingerprint
+    from trainer.data import LatentCache, TextCache, TrainingData, module_fingerprint, vae_fingerprint
 
     _check_recipe(recipe)
     cfg = recipe.train
@@ -103,6 +118,16 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
     if checkpoint and checkpoint.state["method"] != recipe.method:
         raise UserError(f"Checkpoint '{checkpoint.path}' was made by method '{checkpoint.state['method']}', the recipe says '{recipe.method}'. Resume with the same method.")
+    source = locate_base(recipe.model.base, recipe.model.family, recipe.model.allow_unsafe_pickle)
+    if recipe.data.resolution is None:
+        # Resolved in the recipe itself, so every reader and the saved recipe.yaml agree.
+        recipe.data.resolution = source.family.default_resolution
+    training_key = method_cls.text_encoder_training_key(recipe)
+    if recipe.data.cache_text_encoder_outputs != "none" and training_key:
+        raise UserError(
+            f"Recipe key 'data.cache_text_encoder_outputs' is '{recipe.data.cache_text_encoder_outputs}', but {training_key} trains a "
+            "text encoder, whose outputs change every step. Set data.cache_text_encoder_outputs=none, or stop training the text encoder."
+        )
 
     data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
@@ -117,7 +142,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     set_seed(cfg.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
-    model = load_base_model(recipe.model.base, recipe.model.config, recipe.model.prediction_type, recipe.model.allow_unsafe_pickle)
+    model = load_recipe_model(recipe.model, source)
+    _check_sizes(recipe, model)
     method = method_cls(recipe, model)
     device = accelerator.device
     data = method.prepare_data(data, device)
@@ -140,16 +166,16 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
                 f"{torch.get_num_threads()}; the result will match an uninterrupted run only to rounding. Set OMP_NUM_THREADS to match."
             )
 
-    cache = LatentCache(
-        recipe.data.cache_latents,
-        Path(recipe.data.cache_dir) if recipe.data.cache_dir else output_dir / "latent_cache",
-        vae_fingerprint(model.vae) if recipe.data.cache_latents != "none" else "",
-    )
-    scaling = model.vae.config.scaling_factor
+    cache_dir = Path(recipe.data.cache_dir) if recipe.data.cache_dir else output_dir / "latent_cache"
+    cache = LatentCache(recipe.data.cache_latents, cache_dir, vae_fingerprint(model.vae) if recipe.data.cache_latents != "none" else "")
+    text_mode = recipe.data.cache_text_encoder_outputs
+    if text_mode != "none":
+        settings = f"clip_skip={recipe.model.clip_skip}|max_token_length={recipe.data.max_token_length}"
+        method.use_text_cache(TextCache(text_mode, cache_dir, module_fingerprint(model.text_encoder_modules().values()) + "|" + settings))
 
     def encode_mean(pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model.vae.encode(pixels.to(device, weight_dtype)).latent_dist.mean * scaling
+            return model.encode_latents(pixels.to(device))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
@@ -182,13 +208,13 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             generator = diffusion.step_generator(cfg.seed, progress.micro_step)
             if recipe.data.cache_latents == "none":
                 with torch.no_grad():
-                    dist = model.vae.encode(batch.pixel_values().to(device, weight_dtype)).latent_dist
-                    latents = dist.sample(generator=generator) * scaling
+                    dist = model.vae.encode(batch.pixel_values().to(device, model.vae.dtype)).latent_dist
+                    latents = model.scale_latents(dist.sample(generator=generator))
             else:
                 latents = cache.latents(batch, encode_mean).to(device)
-            noise, timesteps = diffusion.sample_noise(latents, generator, cfg.noise_offset, model.noise_scheduler.config.num_train_timesteps)
+            noise, timesteps = model.objective.sample(latents, generator, cfg.noise_offset)
             with accelerator.autocast():
-                loss = method.loss(latents, batch.captions, batch.loss_weights, noise, timesteps)
+                loss = method.loss(TrainingBatch(latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps))
             if not torch.isfinite(loss):
                 last = latest_complete(output_dir)
                 raise TrainingDiverged(

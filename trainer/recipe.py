@@ -27,10 +27,16 @@ from trainer.methods.textual_inversion.config import TextualInversionConfig
 
 @dataclass
 class ModelConfig:
-    # "tiny" (built in), a diffusers folder, a single-file .safetensors/.ckpt, or a hub id in the local cache.
+    # "tiny" or "tiny-sdxl" (built in), "toy", a diffusers folder, a single-file .safetensors/.ckpt, or a hub id in the local cache.
     base: str = "tiny"
-    # A diffusers folder whose configs describe a single-file checkpoint (default: the packaged SD1/SD2 ones).
+    # "auto" (told from model.base), or "sd1", "sd2", "sdxl" where the base cannot tell (see docs/recipes.md).
+    family: str = "auto"
+    # A diffusers folder whose configs describe a single-file checkpoint (default: the packaged SD1/SD2/SDXL ones).
     config: Optional[str] = None
+    # A VAE to use instead of the base model's: a diffusers VAE folder or a .safetensors file.
+    vae: Optional[str] = None
+    # Keep the VAE in fp32 under fp16/bf16 mixed precision (kohya's --no_half_vae); null = the family's default (SDXL: true).
+    vae_fp32: Optional[bool] = None
     # "auto" reads it from the base model's scheduler; or "epsilon" / "v_prediction".
     prediction_type: str = "auto"
     # 1 = the text encoder's last layer; 2 = the penultimate one (what anime models expect).
@@ -59,6 +65,7 @@ class BucketConfig:
     # Unset: half and double data.resolution (kohya's 256 and 1024 at 512).
     min_side: Optional[int] = None
     max_side: Optional[int] = None
+    # Bucket sides are multiples of it; the model sets the smallest allowed (SD1/SD2 64, SDXL 32).
     step: int = 64
     # Never upscale: shrink to the resolution's area at most, floor each side to the step.
     no_upscale: bool = False
@@ -71,7 +78,8 @@ class DataConfig:
     # Or an explicit list of subsets.
     subsets: list[SubsetConfig] = field(default_factory=list)
     caption_extension: str = ".txt"
-    resolution: int = 512
+    # Unset: the model family's (SD1 512, SD2 768, SDXL 1024).
+    resolution: Optional[int] = None
     buckets: BucketConfig = field(default_factory=BucketConfig)
     flip: bool = False
     # Captions as comma-separated tags: shuffle all but the first keep_tokens.
@@ -82,9 +90,13 @@ class DataConfig:
     tag_dropout: float = 0.0
     # Prepended to every caption (e.g. "sls frog") unless the caption already starts with it.
     trigger_word: str = ""
+    # Prompts longer than 75 tokens: 150 or 225 encodes them in 75-token chunks (kohya's max_token_length).
+    max_token_length: int = 75
     # "none", "memory" or "disk".
     cache_latents: str = "none"
-    # Folder for the disk cache (default: {output.dir}/latent_cache).
+    # Text encoder outputs per caption: "none", "memory" or "disk"; only while no text encoder trains.
+    cache_text_encoder_outputs: str = "none"
+    # Folder for the disk caches (default: {output.dir}/latent_cache).
     cache_dir: Optional[str] = None
 
 

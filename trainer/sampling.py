@@ -8,7 +8,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from trainer.atomic import write_file
-from trainer.models.loading import BaseModel
+from trainer.models.base_model import BaseModel
 from trainer.recipe import Recipe
 
 
@@ -35,32 +35,21 @@ def save_png_with_settings(path: Path, image, *, prompt: str, negative_prompt: s
     return write_file(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
-def sampling_scheduler(noise_scheduler_config):
-    """DDIM with SD's sampling settings.
-
-    DDIM inherits clip_sample=True from DDPM's defaults; SD latents must not be clipped.
-    """
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(noise_scheduler_config, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 def sampling_pipeline(model: BaseModel, device: torch.device):
-    from diffusers import StableDiffusionPipeline
-
-    scheduler = sampling_scheduler(model.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(
-        unet=model.unet,
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    """The model family's diffusers pipeline over the model's parts (DDIM sampling), without progress bars."""
+    pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def draw(model: BaseModel, pipe, prompts: list[str], **call) -> list:
+    """The pipeline's PIL images for ``prompts``, decoded by the model's VAE in the VAE's own precision.
+
+    Pipelines decode in the UNet's precision; a VAE kept in fp32 under mixed precision (model.vae_fp32)
+    needs its latents in fp32, so the pipeline stops at the latents and the decoding happens here.
+    """
+    latents = pipe(prompts, output_type="latent", **call).images
+    return pipe.image_processor.postprocess(model.decode_latents(latents), output_type="pil")
 
 
 def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, device: torch.device) -> list[Path]:
@@ -69,23 +58,25 @@ def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, 
     width = cfg.width or recipe.data.resolution
     height = cfg.height or recipe.data.resolution
     pipe = sampling_pipeline(model, device)
-    modes = {m: m.training for m in (model.unet, model.text_encoder, model.vae)}
+    modes = {m: m.training for m in model.parts().values()}
     paths = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         for module in modes:
             module.eval()
         for index, prompt in enumerate(cfg.prompts):
             generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
-            image = pipe(
-                prompt,
-                negative_prompt=cfg.negative_prompt or None,
+            image = draw(
+                model,
+                pipe,
+                [prompt],
+                negative_prompt=[cfg.negative_prompt] if cfg.negative_prompt else None,
                 width=width,
                 height=height,
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale,
                 generator=generator,
                 clip_skip=recipe.model.clip_skip - 1 or None,
-            ).images[0]
+            )[0]
             path = save_png_with_settings(
                 directory / f"step-{step:08d}-{index:02d}.png", image, prompt=prompt, negative_prompt=cfg.negative_prompt,
                 seed=cfg.seed + index, steps=cfg.steps, guidance_scale=cfg.guidance_scale, extra={"training_step": step},

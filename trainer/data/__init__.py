@@ -1,5 +1,6 @@
 """The caption/tag data loader all trainers share: kohya folders and subsets, captions with seeded
-tag shuffling and dropout, aspect-ratio buckets, and a latent cache.
+tag shuffling and dropout, aspect-ratio buckets, each image's geometry (for SDXL's size conditioning), and the latent and
+text-encoder caches.
 
     data = TrainingData(recipe.data, seed=..., batch_size=...)
     for sample_indices in data.epoch_batches(epoch):
@@ -7,8 +8,8 @@ tag shuffling and dropout, aspect-ratio buckets, and a latent cache.
         latents = cache.latents(batch, encode)
 """
 
-from trainer.data.cache import LatentCache, vae_fingerprint
+from trainer.data.cache import LatentCache, TextCache, module_fingerprint, vae_fingerprint
 from trainer.data.dataset import Batch, TrainingData
 from trainer.data.scan import Item
 
-__all__ = ["Batch", "Item", "LatentCache", "TrainingData", "vae_fingerprint"]
+__all__ = ["Batch", "Item", "LatentCache", "TextCache", "TrainingData", "module_fingerprint", "vae_fingerprint"]

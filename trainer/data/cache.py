@@ -1,14 +1,17 @@
-"""Latent cache: encode each (image, crop, flip) with the VAE once instead of every step.
+"""Caches of what frozen models compute from the data: VAE latents per image, text encoder outputs per caption.
 
-An entry's key is the batch's cache key (file hash, bucket, resize, crop, flip, pixel pipeline) plus
-the VAE's fingerprint, so editing an image, changing buckets, flipping, or swapping the VAE all give
-new keys: a stale latent can never be used, at worst it sits unused on disk.
+An entry's key holds everything that decides its content - for latents the batch's cache key (file
+hash, bucket, resize, crop, flip, pixel pipeline) plus the VAE's fingerprint; for text the caption
+itself plus the text encoders' fingerprint and encoding settings - so editing an image or a caption,
+changing buckets, flipping, or swapping a model all give new keys: a stale entry can never be used,
+at worst it sits unused on disk. Caption shuffling and dropout need no special care: each caption
+a step really uses is its own entry (the empty caption of a dropped one included).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -18,47 +21,55 @@ from safetensors.torch import save_file
 from trainer.atomic import write_file
 from trainer.data.dataset import Batch
 from trainer.errors import UserError
+from trainer.models.conditioning import TextConditioning
 
 MODES = ("none", "memory", "disk")
 
 
-def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """sha256 over the VAE's state dict (names, shapes, dtypes and bytes): a fine-tuned or fp16 VAE
-    encodes differently, so it must not share cached latents with the original."""
+def module_fingerprint(modules: Iterable[torch.nn.Module]) -> str:
+    """sha256 over the modules' state dicts (names, shapes, dtypes and bytes): a fine-tuned or fp16
+    model computes differently, so it must not share cached entries with the original."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode("utf-8"))
-        # Viewed as bytes, so bfloat16 (which numpy lacks) hashes like any other dtype.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{index}|{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode("utf-8"))
+            # Viewed as bytes, so bfloat16 (which numpy lacks) hashes like any other dtype.
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
-class LatentCache:
-    """``mode``: "none" (encode every time), "memory" (a dict, lost at exit) or "disk" (one small
-    .safetensors per entry in ``directory``, written atomically, so it survives restarts and a crash
-    mid-write leaves no half file)."""
+def vae_fingerprint(vae: torch.nn.Module) -> str:
+    return module_fingerprint([vae])
 
-    def __init__(self, mode: str, directory: Path | str | None, vae_id: str):
+
+class TensorCache:
+    """``mode``: "none" (nothing kept), "memory" (a dict, lost at exit) or "disk" (one small .safetensors
+    per entry in ``directory``, written atomically, so it survives restarts and a crash mid-write leaves
+    no half file). ``owner_id`` (a model fingerprint and settings) is part of every entry's key.
+    ``setting``: the recipe key that chose the mode, for messages."""
+
+    def __init__(self, mode: str, directory: Path | str | None, owner_id: str, setting: str):
         if mode not in MODES:
-            raise UserError(f"data.cache_latents is '{mode}'; use one of: {', '.join(MODES)}.")
+            raise UserError(f"{setting} is '{mode}'; use one of: {', '.join(MODES)}.")
         if mode == "disk" and directory is None:
-            raise UserError("data.cache_latents is 'disk' but no cache folder was given; set data.cache_dir.")
+            raise UserError(f"{setting} is 'disk' but no cache folder was given; set data.cache_dir.")
         self.mode = mode
         self.directory = Path(directory) if directory is not None else None
-        self.vae_id = vae_id
+        self.owner_id = owner_id
         self.hits = 0
         self.misses = 0
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _entry_key(self, cache_key: str) -> str:
-        return hashlib.sha256(f"{cache_key}|{self.vae_id}".encode("utf-8")).hexdigest()
+    def _entry(self, key: str) -> str:
+        return hashlib.sha256(f"{key}|{self.owner_id}".encode("utf-8")).hexdigest()
 
     def _path(self, entry: str) -> Path:
         assert self.directory is not None
         return self.directory / f"{entry}.safetensors"
 
-    def _lookup(self, entry: str, cache_key: str) -> torch.Tensor | None:
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        entry = self._entry(key)
         if self.mode == "memory":
             return self._memory.get(entry)
         path = self._path(entry)
@@ -68,40 +79,79 @@ class LatentCache:
             with safe_open(str(path), framework="pt") as handle:
                 # The stored key guards against a hash collision and against files copied in by hand.
                 metadata = handle.metadata() or {}
-                if metadata.get("cache_key") != cache_key or metadata.get("vae_id") != self.vae_id:
+                if metadata.get("cache_key") != key or metadata.get("owner_id") != self.owner_id:
                     return None
-                return handle.get_tensor("latents")
-        except Exception:  # an unreadable entry is just a miss; it is rewritten below
+                return {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception:  # an unreadable entry is just a miss; it is rewritten by put()
             return None
 
-    def _store(self, entry: str, cache_key: str, latents: torch.Tensor) -> None:
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
+        entry = self._entry(key)
         if self.mode == "memory":
-            self._memory[entry] = latents
+            self._memory[entry] = tensors
             return
-        metadata = {"cache_key": cache_key, "vae_id": self.vae_id}
-        write_file(self._path(entry), lambda tmp: save_file({"latents": latents}, str(tmp), metadata=metadata))
+        metadata = {"cache_key": key, "owner_id": self.owner_id}
+        write_file(self._path(entry), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def lookup(self, keys: list[str], compute: Callable[[list[int]], list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+        """The entries of ``keys``; ``compute(positions)`` makes the missing ones (float32 CPU copies are kept)."""
+        found = [self.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for i, entry in zip(missing, compute(missing)):
+                self.put(keys[i], entry)
+                found[i] = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in entry.items()}
+        return found  # type: ignore[return-value]  # no None left
+
+
+class LatentCache(TensorCache):
+    """The VAE latents of each (image, crop, flip), encoded once instead of every step."""
+
+    def __init__(self, mode: str, directory: Path | str | None, vae_id: str):
+        super().__init__(mode, directory, vae_id, "data.cache_latents")
 
     def latents(self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The batch's latents [B, C, h, w]; ``encode(pixels)`` (already scaled latents) runs on the misses only.
 
-        Mode "none" returns ``encode``'s output as is. Cached modes keep float32 CPU copies and return
-        float32 on the device ``encode`` used (CPU when everything was a hit): move it with ``.to()``.
+        Mode "none" returns ``encode``'s output as is. Cached modes return float32 on the device
+        ``encode`` used (CPU when everything was a hit): move it with ``.to()``.
         """
         if self.mode == "none":
             self.misses += len(batch)
             return encode(batch.pixel_values())
-        entries = [self._entry_key(key) for key in batch.cache_keys]
-        found = [self._lookup(entry, key) for entry, key in zip(entries, batch.cache_keys)]
-        missing = [i for i, latent in enumerate(found) if latent is None]
-        self.hits += len(batch) - len(missing)
-        self.misses += len(missing)
         device = torch.device("cpu")
-        for i in missing:
-            # One image at a time: a convolution's float result can depend on the batch it ran in,
-            # and a cached latent must not depend on which images happened to share its first batch.
-            encoded = encode(batch.pixel_values([i]))
-            device = encoded.device
-            latent = encoded[0].detach().to("cpu", torch.float32).contiguous()
-            self._store(entries[i], batch.cache_keys[i], latent)
-            found[i] = latent
-        return torch.stack(found).to(device)  # type: ignore[arg-type]  # no None left
+
+        def compute(positions: list[int]) -> list[dict[str, torch.Tensor]]:
+            nonlocal device
+            entries = []
+            for i in positions:
+                # One image at a time: a convolution's float result can depend on the batch it ran in,
+                # and a cached latent must not depend on which images happened to share its first batch.
+                encoded = encode(batch.pixel_values([i]))
+                device = encoded.device
+                entries.append({"latents": encoded[0]})
+            return entries
+
+        found = self.lookup(batch.cache_keys, compute)
+        return torch.stack([entry["latents"] for entry in found]).to(device)
+
+
+class TextCache(TensorCache):
+    """The text encoders' output per caption, while no text encoder trains (``data.cache_text_encoder_outputs``)."""
+
+    def __init__(self, mode: str, directory: Path | str | None, encoders_id: str):
+        super().__init__(mode, directory, encoders_id, "data.cache_text_encoder_outputs")
+
+    def conditioning(self, captions: list[str], encode: Callable[[list[str]], TextConditioning]) -> TextConditioning:
+        """``encode(captions)`` for the captions not cached yet; every caption's rows from the cache."""
+        if self.mode == "none":
+            return encode(captions)
+
+        def compute(positions: list[int]) -> list[dict[str, torch.Tensor]]:
+            # One caption at a time, for the same reason as the latents: an entry must not depend on its batch.
+            return [encode([captions[i]]).row(0) for i in positions]
+
+        return TextConditioning.stack(self.lookup([f"text|{caption}" for caption in captions], compute))

@@ -24,6 +24,7 @@ from trainer.data.scan import Item, scan
 from trainer.data.seeding import seeded_rng, stable_shuffle
 from trainer.data.sources import Problem
 from trainer.errors import UserError
+from trainer.models.conditioning import ImageGeometry
 from trainer.recipe import DataConfig
 
 # Part of every cache key: bump it when the pixel pipeline (resampling, compositing) changes, so latents
@@ -82,6 +83,14 @@ def load_pixels(item: Item, flipped: bool) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def geometry_of(item: Item, flipped: bool) -> ImageGeometry:
+    """Where ``load_pixels`` takes the image's pixels from, as SDXL's size and crop conditioning describes it:
+    the crop's top-left corner in the resized image, mirrored with the image when it is flipped."""
+    (ow, oh), (rw, _), (left, top, right, _) = item.original_size, item.resized, item.crop_ltrb
+    bw, bh = item.bucket
+    return ImageGeometry(original_size=(oh, ow), crop_top_left=(top, rw - right if flipped else left), target_size=(bh, bw))
+
+
 class Batch:
     """Samples of one bucket, with their processed captions. Pixels load only when asked for, so a
     batch whose latents are all cached never touches the image files."""
@@ -95,6 +104,7 @@ class Batch:
         self.loss_weights = loss_weights
         self.cache_keys = cache_keys
         self.size = size
+        self.geometry = [geometry_of(item, flip) for item, flip in zip(items, flipped)]
         self._pixels: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:

@@ -1,12 +1,13 @@
 """kohya's LoRA file format, which AUTOMATIC1111, ComfyUI and diffusers all read.
 
-A module path (diffusers names for the SD1/SD2 UNet, Hugging Face CLIP names for the text encoder)
-becomes ``<prefix>_<path with "." replaced by "_">``, with tensors ``.lora_down.weight`` [r, in, *k],
-``.lora_up.weight`` [out, r(, 1, 1)] and a 0-dim float32 ``.alpha`` (scale = alpha / r).
-See ../shared/reference/formats.md section 1.
+A module path becomes ``<prefix>_<path with "." replaced by "_">``, with tensors ``.lora_down.weight``
+[r, in, *k], ``.lora_up.weight`` [out, r(, 1, 1)] and a 0-dim float32 ``.alpha`` (scale = alpha / r).
+The path is the model family's name of the module (diffusers' for the SD1/SD2 UNet, SGM's for the
+SDXL UNet, Hugging Face CLIP's for text encoders) and the prefix says which part it is in
+(``lora_unet``; ``lora_te``, or ``lora_te1``/``lora_te2`` for two text encoders): docs/formats.md#kohya-lora.
 
 transformers >= 5 dropped the ``text_model`` level from ``CLIPTextModel``'s module tree; the UIs only
-match ``lora_te_text_model_encoder_layers_...``, so text-encoder paths are normalised here.
+match ``lora_te*_text_model_encoder_layers_...``, so text-encoder paths are normalised (``text_encoder_path``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 UNET_PREFIX = "lora_unet"
+# What every text-encoder module name starts with: lora_te (one encoder), lora_te1 / lora_te2 (two).
 TEXT_ENCODER_PREFIX = "lora_te"
 
 
@@ -32,8 +34,6 @@ def text_encoder_path(module_path: str) -> str:
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
-    if prefix == TEXT_ENCODER_PREFIX:
-        module_path = text_encoder_path(module_path)
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 

@@ -39,10 +39,11 @@ def training_metadata(recipe, model, context, *, network_module: str, network_di
         "ss_network_alpha": network_alpha,
         "ss_network_args": json.dumps(network_args or {}),
         "ss_mixed_precision": train.mixed_precision,
-        "ss_v2": model.is_v2,
-        "ss_base_model_version": model.version,
+        "ss_v2": model.family.is_sd2,
+        "ss_base_model_version": model.family.ss_base_model_version(model.prediction_type),
         "ss_sd_model_name": model.name,
         "ss_clip_skip": recipe.model.clip_skip,
+        "ss_max_token_length": recipe.data.max_token_length,
         "ss_seed": train.seed,
         "ss_noise_offset": train.noise_offset,
         "ss_min_snr_gamma": train.min_snr_gamma,
@@ -71,16 +72,17 @@ def training_metadata(recipe, model, context, *, network_module: str, network_di
 def network_metadata(recipe, model, context, *, adapter: str, network_module: str, network_dim: int, network_alpha: float, network_args: dict | None = None) -> dict[str, str]:
     """The whole header of an adapter file: kohya's ``ss_*`` keys plus ModelSpec ``{architecture}/{adapter}``.
 
-    The implementation is "diffusers" because SD1/SD2 adapter files use diffusers module paths (formats.md 6.2).
+    The implementation says whose module names the file uses: diffusers' for SD1/SD2, Stability's (SGM) for SDXL
+    (docs/formats.md#metadata).
     """
     metadata = training_metadata(recipe, model, context, network_module=network_module, network_dim=network_dim, network_alpha=network_alpha, network_args=network_args)
     metadata.update(
         modelspec(
-            f"{model.modelspec_architecture}/{adapter}",
-            "diffusers",
+            f"{model.family.modelspec_architecture(model.prediction_type)}/{adapter}",
+            model.family.adapter_implementation,
             recipe.output.name,
             recipe.data.resolution,
-            model.noise_scheduler.config.prediction_type,
+            model.prediction_type,
             encoder_layer=str(recipe.model.clip_skip) if recipe.model.clip_skip > 1 else "",
             description=recipe.output.comment,
         )

@@ -1,42 +1,37 @@
-"""Stable Diffusion 1.x/2.x weights: diffusers layout <-> the original ("ldm") single-file layout.
+"""Whole models as one file: diffusers layout <-> the original single-file layouts of SD1, SD2 and SDXL.
 
-AUTOMATIC1111, ComfyUI and every model site exchange SD1/SD2 models as one ``.safetensors`` file in
-the layout of the original CompVis/Stability code; our models live in diffusers' layout. The
-conversion is a rename of *modules* (a parameter keeps its last name part), written here as tables:
+AUTOMATIC1111, ComfyUI and every model site exchange models as one ``.safetensors`` file in the
+layout of Stability's original code (``ldm`` for SD1/SD2, ``generative-models``/"SGM" for SDXL); our
+models live in diffusers' layout. The conversion is a rename of *modules* (a parameter keeps its
+last name part), written here as tables (docs/formats.md#single-file-checkpoints):
 
 * UNet (``model.diffusion_model.*``): built from the UNet config - how many down/up blocks, how many
-  layers per block, which blocks have attention - so the same code serves the built-in tiny model,
-  SD1.5 and SD2.1 (formats.md 1.4). The tensors themselves are never changed.
+  layers per block, which blocks have attention, SDXL's size/pooled-text embedding - so the same
+  code serves the built-in tiny models, SD1.5, SD2.1 and SDXL. The tensors themselves are never changed.
 * VAE (``first_stage_model.*``): built from the block counts found in the keys. The mid-block
   attention's q/k/v/proj_out are 1x1 convolutions in ldm and Linear layers in diffusers, so those
   weights are reshaped ``[C, C] <-> [C, C, 1, 1]``.
-* Text encoder: SD1 keeps Hugging Face CLIP names under ``cond_stage_model.transformer.text_model.``;
-  SD2 uses OpenCLIP names under ``cond_stage_model.model.`` with q/k/v fused into ``in_proj``
-  (formats.md 5.1).
+* Text encoders: Hugging Face CLIP names (SD1's, SDXL's first encoder) or OpenCLIP names with q/k/v
+  fused into ``in_proj`` (SD2's, SDXL's second encoder), under a prefix per layout (``TEXT_LAYOUTS``).
 
-Each table is used in both directions, so diffusers -> ldm -> diffusers is exact by construction;
-the tests check the names against diffusers' own ldm -> diffusers converter.
+Each table is used in both directions, so diffusers -> single file -> diffusers is exact by
+construction; the tests check the names against diffusers' own converters.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from trainer.atomic import write_file
-from trainer.formats.safetensors_file import modelspec
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-# What SD1 files contain; read without ``text_model.`` too (older files), but always written with it:
-# diffusers recognises an SD1 text encoder only by a ``...transformer.text_model.`` key.
-SD1_TEXT_WRITE_PREFIX = SD1_TEXT_PREFIX + "text_model."
 
 
 class CheckpointLayoutError(ValueError):
@@ -50,7 +45,7 @@ class CheckpointLayoutError(ValueError):
 # Renaming by module-path tables
 
 
-def _rename(key: str, table: Mapping[str, str]) -> str | None:
+def rename_module(key: str, table: Mapping[str, str]) -> str | None:
     """Rename ``key`` by the longest module path in ``table`` that it starts with; None if none does.
 
     Matching whole dotted parts (never a bare string prefix) keeps ``resnets.1`` from matching
@@ -67,14 +62,14 @@ def _rename(key: str, table: Mapping[str, str]) -> str | None:
 def _rename_all(state_dict: Mapping[str, torch.Tensor], table: Mapping[str, str], component: str) -> dict[str, torch.Tensor]:
     renamed, unknown = {}, []
     for key, tensor in state_dict.items():
-        new_key = _rename(key, table)
+        new_key = rename_module(key, table)
         if new_key is None:
             unknown.append(key)
         else:
             renamed[new_key] = tensor
     if unknown:
         raise CheckpointLayoutError(
-            f"{len(unknown)} {component} tensor(s) have no place in the SD1/SD2 layout, e.g. {', '.join(unknown[:3])}"
+            f"{len(unknown)} {component} tensor(s) have no place in the single-file layout, e.g. {', '.join(unknown[:3])}"
         )
     return renamed
 
@@ -113,13 +108,14 @@ def _add_resnet(table: dict[str, str], diffusers_path: str, ldm_path: str, inner
 
 
 def unet_module_table(unet_config: Mapping) -> dict[str, str]:
-    """diffusers module path -> ldm module path for an SD1.x/SD2.x ``UNet2DConditionModel`` config.
+    """diffusers module path -> ldm/SGM module path for an SD1.x/SD2.x/SDXL ``UNet2DConditionModel`` config.
 
     ldm numbers the UNet as flat ``input_blocks``/``output_blocks`` lists: each down block
     contributes ``layers_per_block`` entries (resnet at ``.0``, attention at ``.1``) plus one
     downsampler entry (``.0.op``); each up block ``layers_per_block + 1`` entries, its upsampler
     sharing the last entry after the attention (``.2.conv``) or after the resnet (``.1.conv``).
     Transformer internals (``proj_in``, ``transformer_blocks.N.attn1.to_q``, ...) are named alike.
+    SDXL's embedding of pooled text and image sizes (``add_embedding``) is SGM's ``label_emb.0``.
     """
     down_types, up_types = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
     per_block = unet_config["layers_per_block"]
@@ -129,10 +125,13 @@ def unet_module_table(unet_config: Mapping) -> dict[str, str]:
     ]
     if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in (None, "UNetMidBlock2DCrossAttn"):
         unsupported.append(unet_config["mid_block_type"])
-    if unet_config.get("addition_embed_type") or unet_config.get("class_embed_type"):
-        unsupported.append("class/addition embeddings (SDXL or an upscaler)")
+    addition = unet_config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        unsupported.append(f"addition embedding '{addition}'")
+    if unet_config.get("class_embed_type") or unet_config.get("num_class_embeds"):
+        unsupported.append("class embeddings (an upscaler?)")
     if unsupported or not isinstance(per_block, int) or len(down_types) != len(up_types):
-        raise CheckpointLayoutError(f"not an SD1.x/SD2.x UNet config ({', '.join(map(str, unsupported)) or 'layers_per_block'})")
+        raise CheckpointLayoutError(f"not an SD1.x/SD2.x/SDXL UNet config ({', '.join(map(str, unsupported)) or 'layers_per_block'})")
 
     stride = per_block + 1
     last = len(down_types) - 1
@@ -144,6 +143,8 @@ def unet_module_table(unet_config: Mapping) -> dict[str, str]:
         "conv_out": "out.2",
         "mid_block.attentions.0": "middle_block.1",
     }
+    if addition == "text_time":
+        table.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     _add_resnet(table, "mid_block.resnets.0", "middle_block.0", _UNET_RESNET)
     _add_resnet(table, "mid_block.resnets.1", "middle_block.2", _UNET_RESNET)
     for b, block_type in enumerate(down_types):
@@ -242,7 +243,8 @@ def vae_from_ldm(ldm_vae_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _without_text_model(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers >= 5 ``CLIPTextModel`` has no ``text_model.`` level; older versions do. Accept both.
+    """transformers >= 5 ``CLIPTextModel`` has no ``text_model.`` level; older versions (and
+    ``CLIPTextModelWithProjection``) do. Accept both.
 
     ``position_ids`` is a buffer some versions save; it is derived, not learned, so it is dropped.
     """
@@ -251,16 +253,6 @@ def _without_text_model(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
         for key, tensor in te_sd.items()
         if not key.endswith("embeddings.position_ids")
     }
-
-
-def sd1_text_encoder_to_ldm(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF CLIP-L state dict -> ``cond_stage_model.transformer.text_model.*`` (names unchanged)."""
-    return {SD1_TEXT_WRITE_PREFIX + key: tensor for key, tensor in _without_text_model(te_sd).items()}
-
-
-def sd1_text_encoder_from_ldm(ldm_te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``cond_stage_model.transformer.*`` tensors (prefix stripped) -> CLIPTextModel keys without ``text_model.``."""
-    return _without_text_model(ldm_te_sd)
 
 
 def openclip_module_table(num_layers: int) -> dict[str, str]:
@@ -284,17 +276,24 @@ def openclip_module_table(num_layers: int) -> dict[str, str]:
 
 _HF_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
 _OPENCLIP_IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
+HF_PROJECTION = "text_projection.weight"
+OPENCLIP_EXTRAS = ("text_projection", "logit_scale")
+# OpenCLIP's logit scale as trained (ln 100); no image tower uses it here, the loaders only expect it.
+_LOGIT_SCALE = 4.6052
 
 
-def sd2_text_encoder_to_ldm(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers SD2 text encoder -> OpenCLIP-H ``cond_stage_model.model.*``.
+def openclip_from_hf(te_sd: Mapping[str, torch.Tensor], *, repeat_last_block: bool) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIP text tower -> OpenCLIP names (without prefix), q/k/v fused into ``in_proj``.
 
-    diffusers keeps 23 of OpenCLIP's 24 blocks (SD2 conditions on the penultimate layer) and no
-    projection. Loaders that expect the whole OpenCLIP tower get what kohya writes: the last block
-    copied once more, plus an unused ``text_projection`` (identity here, of the shape diffusers uses
-    to split ``in_proj``) and ``logit_scale``.
+    ``text_projection``: OpenCLIP stores the matrix P applied as ``x @ P`` ([width, projection]);
+    a Hugging Face ``CLIPTextModelWithProjection`` stores ``Linear.weight`` = P transposed. Without a
+    projection (SD2's diffusers text encoder has none) an unused identity is written, of the shape the
+    loaders use to split ``in_proj``. ``repeat_last_block``: SD2's diffusers encoder keeps 23 of
+    OpenCLIP-H's 24 blocks (SD2 conditions on the penultimate layer); loaders that expect the whole
+    tower get what kohya writes, the last block copied once more.
     """
     te_sd = _without_text_model(te_sd)
+    projection = te_sd.pop(HF_PROJECTION, None)
     num_layers = _count(te_sd, r"encoder\.layers\.(\d+)\.")
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     rest = {}
@@ -307,32 +306,33 @@ def sd2_text_encoder_to_ldm(te_sd: Mapping[str, torch.Tensor]) -> dict[str, torc
     out = _rename_all(rest, openclip_module_table(num_layers), "text encoder")
     for (layer, kind), parts in qkv.items():
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-
-    last = f"transformer.resblocks.{num_layers - 1}."
-    for key in [k for k in out if k.startswith(last)]:
-        out[f"transformer.resblocks.{num_layers}." + key[len(last):]] = out[key].clone()
+    if repeat_last_block:
+        last = f"transformer.resblocks.{num_layers - 1}."
+        for key in [k for k in out if k.startswith(last)]:
+            out[f"transformer.resblocks.{num_layers}." + key[len(last):]] = out[key].clone()
     reference = out["token_embedding.weight"]
-    width = reference.shape[1]
-    out["text_projection"] = torch.eye(width, dtype=reference.dtype)
-    out["logit_scale"] = torch.tensor(1.0, dtype=reference.dtype)
-    return {SD2_TEXT_PREFIX + key: tensor for key, tensor in out.items()}
+    out["text_projection"] = projection.t().contiguous() if projection is not None else torch.eye(reference.shape[1], dtype=reference.dtype)
+    out["logit_scale"] = torch.tensor(_LOGIT_SCALE, dtype=reference.dtype)
+    return out
 
 
-def sd2_text_encoder_from_ldm(ldm_te_sd: Mapping[str, torch.Tensor], num_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """OpenCLIP ``cond_stage_model.model.*`` tensors (prefix stripped) -> diffusers CLIPTextModel keys.
+def openclip_to_hf(openclip_sd: Mapping[str, torch.Tensor], *, num_layers: int | None, with_projection: bool) -> dict[str, torch.Tensor]:
+    """OpenCLIP text tower tensors (prefix stripped) -> Hugging Face CLIP keys without ``text_model.``.
 
-    Keeps the first ``num_layers`` blocks (the text encoder config's ``num_hidden_layers``); by
-    default all but the last, which is what diffusers does with a full 24-block OpenCLIP-H tower.
-    ``text_projection`` and ``logit_scale`` have no place in ``CLIPTextModel`` and are dropped.
+    Keeps the first ``num_layers`` blocks (the text encoder config's ``num_hidden_layers``; by default
+    all but the last, which is what diffusers does with SD2's 24-block OpenCLIP-H tower).
+    ``with_projection``: the tower becomes a ``CLIPTextModelWithProjection`` (SDXL's second encoder),
+    whose ``text_projection.weight`` is OpenCLIP's ``text_projection`` transposed; otherwise the
+    projection and ``logit_scale`` have no place and are dropped.
     """
-    blocks = _count(ldm_te_sd, r"transformer\.resblocks\.(\d+)\.")
+    blocks = _count(openclip_sd, r"transformer\.resblocks\.(\d+)\.")
     keep = blocks - 1 if num_layers is None else num_layers
     if keep > blocks:
         raise CheckpointLayoutError(f"the OpenCLIP text encoder has {blocks} blocks, the config expects {keep}")
     out, rest = {}, {}
-    for key, tensor in ldm_te_sd.items():
+    for key, tensor in openclip_sd.items():
         block = re.match(r"transformer\.resblocks\.(\d+)\.", key)
-        if (block and int(block.group(1)) >= keep) or key in ("text_projection", "logit_scale"):
+        if (block and int(block.group(1)) >= keep) or key in OPENCLIP_EXTRAS:
             continue
         fused = _OPENCLIP_IN_PROJ.match(key)
         if fused:
@@ -342,124 +342,136 @@ def sd2_text_encoder_from_ldm(ldm_te_sd: Mapping[str, torch.Tensor], num_layers:
         else:
             rest[key] = tensor
     out.update(_rename_all(rest, _inverted(openclip_module_table(keep)), "text encoder"))
+    if with_projection:
+        if "text_projection" not in openclip_sd:
+            raise CheckpointLayoutError("the OpenCLIP text encoder has no text_projection, which SDXL's pooled prompt needs")
+        out[HF_PROJECTION] = openclip_sd["text_projection"].t().contiguous()
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# Whole checkpoints
+# Whole checkpoints: one layout per model family
 
 
-def is_sd2_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """SD2 if the text encoder is OpenCLIP (``cond_stage_model.model.*``), SD1 if it is HF CLIP.
+@dataclass(frozen=True)
+class TextEncoderLayout:
+    """Where a single file keeps one text encoder, and in which naming."""
 
-    The text encoder decides, as in AUTOMATIC1111 and diffusers (formats.md 5.1, 5.3); the UNet is
-    the same family either way. Raises ``CheckpointLayoutError`` when neither is present.
-    """
-    if any(key.startswith(SD2_TEXT_PREFIX) for key in state_dict):
-        return True
-    if any(key.startswith(SD1_TEXT_PREFIX) for key in state_dict):
-        return False
-    raise CheckpointLayoutError("no text encoder (neither cond_stage_model.transformer.* nor cond_stage_model.model.* tensors)")
+    component: str  # the diffusers component it becomes ("text_encoder", "text_encoder_2")
+    prefix: str  # read prefix
+    openclip: bool  # OpenCLIP names with fused q/k/v; else Hugging Face CLIP names
+    # Hugging Face encoders are read with or without ``text_model.`` (older files) but always written
+    # with it: diffusers recognises an SD1 text encoder only by a ``...transformer.text_model.`` key.
+    write_prefix: str = ""
+    repeat_last_block: bool = False  # OpenCLIP: see openclip_from_hf
+    with_projection: bool = False  # OpenCLIP: see openclip_to_hf
+
+    def to_file(self, te_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.openclip:
+            tensors = openclip_from_hf(te_sd, repeat_last_block=self.repeat_last_block)
+        else:
+            tensors = _without_text_model(te_sd)
+        return {(self.write_prefix or self.prefix) + key: tensor for key, tensor in tensors.items()}
+
+    def from_file(self, tensors: Mapping[str, torch.Tensor], num_layers: int | None) -> dict[str, torch.Tensor]:
+        if self.openclip:
+            return openclip_to_hf(tensors, num_layers=num_layers, with_projection=self.with_projection)
+        return _without_text_model(tensors)
 
 
-def diffusers_to_ldm(
-    unet_sd: Mapping[str, torch.Tensor],
-    vae_sd: Mapping[str, torch.Tensor],
-    text_encoder_sd: Mapping[str, torch.Tensor],
-    *,
-    unet_config: Mapping,
-    is_v2: bool,
-) -> dict[str, torch.Tensor]:
-    """One original-layout state dict from the three diffusers state dicts (tensors are not copied)."""
-    text = sd2_text_encoder_to_ldm(text_encoder_sd) if is_v2 else sd1_text_encoder_to_ldm(text_encoder_sd)
-    return {**unet_to_ldm(unet_sd, unet_config), **vae_to_ldm(vae_sd), **text}
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+
+# The single-file layouts: the original SD1 (ldm), SD2 (ldm with OpenCLIP-H) and SDXL (Stability's
+# generative-models, "SGM") code. UNet and VAE are named alike in all three (the UNet table follows
+# the config); the text encoders differ (docs/formats.md#single-file-checkpoints).
+TEXT_LAYOUTS: dict[str, tuple[TextEncoderLayout, ...]] = {
+    "sd1": (TextEncoderLayout("text_encoder", SD1_TEXT_PREFIX, openclip=False, write_prefix=SD1_TEXT_PREFIX + "text_model."),),
+    "sd2": (TextEncoderLayout("text_encoder", SD2_TEXT_PREFIX, openclip=True, repeat_last_block=True),),
+    "sdxl": (
+        TextEncoderLayout("text_encoder", SDXL_TEXT_PREFIXES[0], openclip=False, write_prefix=SDXL_TEXT_PREFIXES[0] + "text_model."),
+        TextEncoderLayout("text_encoder_2", SDXL_TEXT_PREFIXES[1], openclip=True, with_projection=True),
+    ),
+}
+
+
+def detect_layout(keys) -> str:
+    """Which layout a checkpoint's keys are in, told by its text encoders (as AUTOMATIC1111 and diffusers
+    tell them). Raises ``CheckpointLayoutError`` saying what is there when it is none of them."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in keys)
+
+    if has("conditioner.embedders."):
+        if has(SDXL_TEXT_PREFIXES[0]) and has(SDXL_TEXT_PREFIXES[1]):
+            return "sdxl"
+        present = sorted({".".join(key.split(".")[:3]) for key in keys if key.startswith("conditioner.embedders.")})
+        raise CheckpointLayoutError(
+            f"SDXL-style text encoders but not both of them (found {', '.join(present)}; an SDXL base needs "
+            f"{SDXL_TEXT_PREFIXES[0]}* (CLIP-L) and {SDXL_TEXT_PREFIXES[1]}* (OpenCLIP-G); the SDXL refiner has only the second)"
+        )
+    if has(SD2_TEXT_PREFIX):
+        return "sd2"
+    if has(SD1_TEXT_PREFIX):
+        return "sd1"
+    raise CheckpointLayoutError("no text encoder (no cond_stage_model.* or conditioner.embedders.* tensors)")
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix):]: tensor for key, tensor in state_dict.items() if key.startswith(prefix)}
 
 
-def ldm_to_diffusers(
+def to_single_file(components: Mapping[str, Mapping[str, torch.Tensor]], *, unet_config: Mapping, layout: str) -> dict[str, torch.Tensor]:
+    """One single-file state dict from the diffusers state dicts ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}``.
+
+    Tensors are not copied (except SD2's repeated last block and the small OpenCLIP extras).
+    """
+    out = {**unet_to_ldm(components["unet"], unet_config), **vae_to_ldm(components["vae"])}
+    for text in TEXT_LAYOUTS[layout]:
+        out.update(text.to_file(components[text.component]))
+    return out
+
+
+def from_single_file(
     state_dict: Mapping[str, torch.Tensor],
     *,
     unet_config: Mapping,
-    is_v2: bool,
-    text_encoder_layers: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(unet, vae, text_encoder) diffusers state dicts from an original-layout checkpoint.
+    layout: str,
+    text_encoder_layers: Mapping[str, int] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The diffusers state dicts ``{"unet", "vae", "text_encoder"[, "text_encoder_2"]}`` of a single file.
 
-    Only the three model parts are read: EMA copies (``model_ema.*``, as diffusers we take the
-    regular weights), noise-schedule buffers and other extras of training checkpoints are ignored.
-    Text encoder keys come without ``text_model.`` (transformers >= 5 ``CLIPTextModel``).
-    ``text_encoder_layers``: see ``sd2_text_encoder_from_ldm`` (SD2 only).
+    Only the model parts are read: EMA copies (``model_ema.*``, as diffusers we take the regular
+    weights), noise-schedule buffers and other extras of training checkpoints are ignored. Text
+    encoder keys come without ``text_model.`` (transformers >= 5 ``CLIPTextModel``).
+    ``text_encoder_layers``: per component, how many OpenCLIP blocks to keep (see ``openclip_to_hf``).
     """
-    parts = {
-        "UNet": _strip(state_dict, UNET_PREFIX),
-        "VAE": _strip(state_dict, VAE_PREFIX),
-        "text encoder": _strip(state_dict, SD2_TEXT_PREFIX if is_v2 else SD1_TEXT_PREFIX),
-    }
+    parts = {"UNet": _strip(state_dict, UNET_PREFIX), "VAE": _strip(state_dict, VAE_PREFIX)}
+    for text in TEXT_LAYOUTS[layout]:
+        parts[f"text encoder ({text.prefix}*)"] = _strip(state_dict, text.prefix)
     missing = [name for name, tensors in parts.items() if not tensors]
     if missing:
         raise CheckpointLayoutError(f"no {' and no '.join(missing)} tensors")
-    text = (
-        sd2_text_encoder_from_ldm(parts["text encoder"], text_encoder_layers)
-        if is_v2
-        else sd1_text_encoder_from_ldm(parts["text encoder"])
-    )
-    return unet_from_ldm(parts["UNet"], unet_config), vae_from_ldm(parts["VAE"]), text
+    components = {"unet": unet_from_ldm(parts["UNet"], unet_config), "vae": vae_from_ldm(parts["VAE"])}
+    for text in TEXT_LAYOUTS[layout]:
+        layers = (text_encoder_layers or {}).get(text.component)
+        components[text.component] = text.from_file(parts[f"text encoder ({text.prefix}*)"], layers)
+    return components
 
 
-# --------------------------------------------------------------------------------------------------
-# Writing a single-file checkpoint
+def save_single_file(path: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], dtype: torch.dtype) -> Path:
+    """Write a single-file state dict atomically, floating-point tensors cast to ``dtype``.
 
-MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-
-
-def modelspec_architecture(is_v2: bool, prediction_type: str) -> str:
-    """ModelSpec architecture id (formats.md 6.2); SD1 has one id whatever it predicts."""
-    if not is_v2:
-        return "stable-diffusion-v1"
-    return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-
-
-def save_single_file(
-    path: Path,
-    unet,
-    vae,
-    text_encoder,
-    *,
-    is_v2: bool,
-    prediction_type: str = "epsilon",
-    dtype: torch.dtype = torch.float16,
-    title: str | None = None,
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Write UNet + VAE + text encoder as one original-layout ``.safetensors`` file, atomically.
-
-    Floating-point tensors are cast to ``dtype`` (fp16 is what the UIs share; pass float32 for a
-    lossless copy). The header carries Stability AI ModelSpec keys so UIs show the architecture and
-    prediction type; ``metadata`` adds or overrides keys (values must be strings).
-    Returns the path written.
+    fp16 is what the UIs share; float32 is a lossless copy. ``header`` values must be strings.
     """
-    path = Path(path)
-    state_dict = diffusers_to_ldm(
-        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet_config=unet.config, is_v2=is_v2
-    )
-    tensors = {
-        key: (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().cpu().contiguous()
-        for key, tensor in state_dict.items()
-    }
-    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    header = modelspec(
-        modelspec_architecture(is_v2, prediction_type),
-        MODELSPEC_IMPLEMENTATION,
-        title or path.stem,
-        resolution,
-        prediction_type,
-    )
-    header.update(metadata or {})
     wrong = [key for key, value in header.items() if not isinstance(value, str)]
     if wrong:
         raise TypeError(f"safetensors metadata values must be strings: {', '.join(wrong)}")
+    tensors = {
+        key: (tensor.to(dtype) if tensor.is_floating_point() else tensor).detach().cpu().contiguous()
+        for key, tensor in tensors.items()
+    }
     # save_file streams the tensors to disk: a full checkpoint is gigabytes, too much to build in memory first.
-    return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return write_file(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=dict(header)))

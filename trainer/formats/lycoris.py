@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from trainer.formats.kohya_lora import kohya_name
 
 # LyCORIS' generic wrapper writes this prefix for UNet modules; ComfyUI reads it, A1111 and diffusers do not.
 GENERIC_PREFIX = "lycoris"
@@ -180,25 +180,27 @@ def updated_weight(module: Mapping[str, torch.Tensor], weight: torch.Tensor, bia
     return weight + multiplier * delta, bias
 
 
-def _layers_by_name(unet: nn.Module, text_encoder: nn.Module) -> dict[str, nn.Module]:
+def _layers_by_name(model) -> dict[str, nn.Module]:
+    """Every Linear/Conv2d of the UNet and text encoders by its kohya name (and the UNet's by LyCORIS'
+    generic ``lycoris_<diffusers path>`` name, which ComfyUI also reads)."""
     layers = {}
-    for path, layer in unet.named_modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            layers[kohya_name(UNET_PREFIX, path)] = layer
-            layers[kohya_name(GENERIC_PREFIX, path)] = layer
-    for path, layer in text_encoder.named_modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            layers[kohya_name(TEXT_ENCODER_PREFIX, path)] = layer
+    for component, part in {"unet": model.unet, **model.text_encoder_modules()}.items():
+        for path, layer in part.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                layers[model.kohya_name(component, path)] = layer
+                if component == "unet":
+                    layers[kohya_name(GENERIC_PREFIX, path)] = layer
     return layers
 
 
 @torch.no_grad()
-def apply_to_model(tensors: Mapping[str, torch.Tensor], unet: nn.Module, text_encoder: nn.Module, multiplier: float = 1.0) -> list[str]:
-    """Merge a LyCORIS or LoRA file into a base model's weights, as the UIs would at strength ``multiplier``.
+def apply_to_model(tensors: Mapping[str, torch.Tensor], model, multiplier: float = 1.0) -> list[str]:
+    """Merge a LyCORIS or LoRA file into a base model's (a ``BaseModel``'s) weights, as the UIs would at
+    strength ``multiplier``.
 
     Returns the names of the file's modules that match no layer of the model (a UI ignores those too).
     """
-    layers = _layers_by_name(unet, text_encoder)
+    layers = _layers_by_name(model)
     unmatched = []
     for name, module in split_modules(tensors).items():
         if algo_of(module) is None:

@@ -14,10 +14,23 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from trainer import diffusion
 from trainer.errors import UserError
-from trainer.models.loading import BaseModel
+from trainer.models.base_model import BaseModel
+from trainer.models.conditioning import ImageGeometry, TextConditioning
 from trainer.recipe import Recipe
+
+
+@dataclass
+class TrainingBatch:
+    """One micro-batch as the loop hands it to a method: latents with their noise and timesteps drawn,
+    the captions after the data's augmentation, each image's geometry, and per-sample loss weights."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    geometry: list[ImageGeometry]
+    loss_weights: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
 
 
 @dataclass
@@ -40,6 +53,8 @@ class TrainingMethod:
     def __init__(self, recipe: Recipe, model: BaseModel):
         self.recipe = recipe
         self.model = model
+        # A trainer.data.cache.TextCache when data.cache_text_encoder_outputs is on (use_text_cache).
+        self.text_cache = None
         if not recipe.output.formats:
             # Resolved in the recipe itself, so every reader and the saved recipe.yaml agree.
             recipe.output.formats = [self.formats[0]]
@@ -55,6 +70,14 @@ class TrainingMethod:
         """Loss weight of regularisation (is_reg) images; prior-preservation methods override it."""
         return 1.0
 
+    @classmethod
+    def text_encoder_training_key(cls, recipe: Recipe) -> str | None:
+        """The recipe setting that makes this run train a text encoder (None: the text encoders stay frozen).
+
+        Known before any model is loaded, so settings that need frozen encoders are refused at once.
+        """
+        return None
+
     def prepare_data(self, data, device: torch.device):
         """Last chance to complete the data with the base model at hand (e.g. generate class images).
 
@@ -68,16 +91,17 @@ class TrainingMethod:
         raise NotImplementedError
 
     def trainable_modules(self) -> dict[str, nn.Module]:
-        """The model parts that hold trainable parameters, by a stable name used in checkpoints."""
-        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        """The model parts that hold trainable parameters, by their component name (used in checkpoints)."""
+        parts = {"unet": self.model.unet, **self.model.text_encoder_modules()}
         return {name: module for name, module in parts.items() if any(p.requires_grad for p in module.parameters())}
 
     def param_groups(self) -> list[dict]:
-        """One group per trained part; the text encoder takes the method section's ``text_encoder_lr`` if set."""
+        """One group per trained part; text encoders take the method section's ``text_encoder_lr`` if set."""
         text_encoder_lr = getattr(getattr(self.recipe, self.name, None), "text_encoder_lr", None)
+        text_parts = self.model.text_encoder_modules()
         groups = []
         for part, module in self.trainable_modules().items():
-            lr = text_encoder_lr if part == "text_encoder" and text_encoder_lr is not None else self.recipe.train.lr
+            lr = text_encoder_lr if part in text_parts and text_encoder_lr is not None else self.recipe.train.lr
             groups.append({"params": [p for p in module.parameters() if p.requires_grad], "lr": lr})
         return groups
 
@@ -104,24 +128,34 @@ class TrainingMethod:
                 value.copy_(tensors[key].to(value.device, value.dtype))
 
     def text_encoder_trains(self) -> bool:
-        return any(p.requires_grad for p in self.model.text_encoder.parameters())
+        return any(p.requires_grad for module in self.model.text_encoder_modules().values() for p in module.parameters())
 
     # --- how the loss is formed --------------------------------------------------------------
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        with torch.set_grad_enabled(self.text_encoder_trains()):
-            return diffusion.encode_prompts(
-                self.model.tokenizer, self.model.text_encoder, captions, self.recipe.model.clip_skip, self.model.unet.device
+    def use_text_cache(self, cache) -> None:
+        """Read text encoder outputs through ``cache``; only sound while every text encoder is frozen."""
+        if self.text_encoder_trains():
+            raise UserError(
+                f"Recipe key 'data.cache_text_encoder_outputs' is '{cache.mode}', but method '{self.name}' trains a text encoder, "
+                "whose outputs change every step. Set data.cache_text_encoder_outputs=none, or keep the text encoders frozen."
             )
+        self.text_cache = cache
 
-    def loss(self, latents: torch.Tensor, captions: list[str], loss_weights: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, captions: list[str]) -> TextConditioning:
+        """The prompt conditioning of ``captions``, with gradients while a text encoder trains."""
+        def encode(texts: list[str]) -> TextConditioning:
+            with torch.set_grad_enabled(self.text_encoder_trains()):
+                return self.model.encode_text(texts, self.recipe.model.clip_skip, self.recipe.data.max_token_length)
+
+        return self.text_cache.conditioning(captions, encode) if self.text_cache is not None else encode(captions)
+
+    def loss(self, batch: TrainingBatch) -> torch.Tensor:
         """The denoising loss of one batch: predict the noise (or velocity) of the noised latents."""
-        scheduler = self.model.noise_scheduler
-        hidden_states = self.encode_text(captions)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.model.unet(noisy, timesteps, hidden_states).sample
-        target = diffusion.target_for(scheduler, latents, noise, timesteps)
-        per_sample = diffusion.per_sample_loss(prediction, target, timesteps, scheduler, self.recipe.train.min_snr_gamma)
-        return (per_sample * loss_weights.to(per_sample.device)).mean()
+        objective = self.model.objective
+        noisy = objective.add_noise(batch.latents, batch.noise, batch.timesteps)
+        prediction = self.model.predict(noisy, batch.timesteps, self.encode_text(batch.captions), batch.geometry)
+        target = objective.target(batch.latents, batch.noise, batch.timesteps)
+        per_sample = objective.per_sample_loss(prediction, target, batch.timesteps, self.recipe.train.min_snr_gamma)
+        return (per_sample * batch.loss_weights.to(per_sample.device)).mean()
 
     def after_optimizer_step(self) -> None:
         """Hook for methods that must fix parameters after each update (e.g. untouched embedding rows)."""

@@ -1,89 +1,77 @@
-"""Load a base model from a local source, never from the network.
+"""Load a base model from a local source, never from the network, and tell its model family.
 
-``model.base`` may be ``tiny`` (built in), a diffusers folder, a single-file ``.safetensors`` (or
-``.ckpt``) checkpoint in the original ldm layout, or a hub id already in the local Hugging Face cache.
-For benchmarks, ``random:sd1`` (``random:sd2``, ``random:sd2-base``) builds a packaged architecture
-(``trainer/models/configs``: SD1.5, SD2.1, SD2.1-base) with seeded random weights: real sizes and
-speeds, meaningless images.
+``model.base`` may be a built-in model (``tiny``, ``tiny-sdxl``, ``toy``), a diffusers folder, a
+single-file ``.safetensors`` (or ``.ckpt``) checkpoint in the original SD1/SD2/SDXL layout, or a hub
+id already in the local Hugging Face cache. For benchmarks, ``random:<config>`` builds a packaged
+architecture (``trainer/models/configs``: ``sd1``, ``sd2``, ``sd2-base``, ``sdxl``) with seeded random
+weights: real sizes and speeds, meaningless images.
+
+The family is found before any weight is read (``locate_base``): a diffusers folder's pipeline class
+and text-encoder width, a single file's key layout. ``model.family`` overrides it only where that
+evidence cannot decide (an SD pipeline with text encoders of unusual width); contradicting decisive
+evidence is an error that names both.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig
 
 from trainer.errors import UserError
+from trainer.families import AUTO, all_families, family_named
+from trainer.families.base import PACKAGED_CONFIGS
+from trainer.formats.ldm_checkpoint import CheckpointLayoutError, detect_layout
+from trainer.models.base_model import BaseModel, TextEncoder
+from trainer.models.single_file import (
+    PICKLE_SUFFIXES,
+    load_single_file,
+    load_vae_file,
+    read_safetensors_keys,
+    read_state_dict,
+    text_encoder_class,
+    what_else,
+)
+from trainer.models.text import fix_pooling
+from trainer.models.tokenizer import clip_tokenizer
+
+RANDOM_PREFIX = "random:"
+RANDOM_SEED = 20261126
 
 
 @dataclass
-class BaseModel:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    noise_scheduler: DDPMScheduler
-    # What model.base said, and a short name for metadata (file or folder name).
-    source: str
-    name: str
+class BaseSource:
+    """Where ``model.base`` points and which family it is, found without loading the model."""
 
-    @property
-    def version(self) -> str:
-        """kohya's ss_base_model_version family: "sd_v1" or "sd_v2" (+ "_v" for v-prediction)."""
-        family = "sd_v2" if self.text_encoder.config.hidden_size == 1024 else "sd_v1"
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            family += "_v"
-        return family
-
-    @property
-    def is_v2(self) -> bool:
-        return self.version.startswith("sd_v2")
-
-    @property
-    def modelspec_architecture(self) -> str:
-        if not self.is_v2:
-            return "stable-diffusion-v1"
-        return "stable-diffusion-v2-768-v" if self.version.endswith("_v") else "stable-diffusion-v2-512"
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    base: str
+    family: object  # trainer.families.base.ModelFamily
+    kind: str  # "builtin", "random", "folder" or "single_file"
+    name: str  # a short name for metadata (file or folder name)
+    # How the family was told, for messages; decisive evidence rules every other family out.
+    evidence: str
+    decisive: bool = True
+    path: Path | None = None
+    # A single file's tensors, once read (pickles have no cheap header).
+    tensors: dict | None = field(default=None, repr=False)
+    metadata: dict = field(default_factory=dict, repr=False)
 
 
-def _set_prediction_type(scheduler: DDPMScheduler, prediction_type: str) -> DDPMScheduler:
-    if prediction_type == "auto":
-        return scheduler
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(
-            f"Recipe key 'model.prediction_type' is '{prediction_type}'; use 'auto', 'epsilon' or 'v_prediction'."
-        )
-    return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+def _builtin_families() -> dict[str, object]:
+    return {name: family for family in all_families() for name in family.builtin_bases}
 
 
-def _training_scheduler(scheduler_config) -> DDPMScheduler:
-    # Whatever scheduler a pipeline ships for sampling, training uses DDPM with its betas.
-    config = dict(scheduler_config)
-    config["clip_sample"] = False
-    return DDPMScheduler.from_config(config)
+def builtin_base_names() -> list[str]:
+    """The built-in bases' names (each family lists its own)."""
+    return list(_builtin_families())
 
 
-def _from_diffusers_folder(path: str) -> dict:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        path, local_files_only=True, safety_checker=None, requires_safety_checker=False
-    )
-    return {
-        "unet": pipe.unet,
-        "vae": pipe.vae,
-        "text_encoder": pipe.text_encoder,
-        "tokenizer": pipe.tokenizer,
-        "scheduler": _training_scheduler(pipe.scheduler.config),
-    }
+def _random_families() -> dict[str, object]:
+    return {config: family for family in all_families() for config in dict.fromkeys(family.packaged_configs.values())}
 
 
 def _looks_like_hub_id(base: str) -> bool:
@@ -91,124 +79,230 @@ def _looks_like_hub_id(base: str) -> bool:
     return len(parts) == 2 and all(parts) and not os.path.exists(base)
 
 
-RANDOM_PREFIX = "random:"
-RANDOM_SEED = 20261126
+def _hub_snapshot(base: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception as err:
+        raise UserError(
+            f"model.base '{base}' is neither a file nor a folder, and no copy of the hub repository '{base}' is in the "
+            f"local Hugging Face cache ({err.__class__.__name__}). sdtrain never downloads: download it on a machine with "
+            "network access, or set model.base to 'tiny', a diffusers folder or a .safetensors file."
+        ) from None
 
 
-def _random_components(architecture: str) -> dict:
-    """The packaged ``architecture`` (a folder of trainer/models/configs) with seeded random weights."""
-    from transformers import CLIPTextConfig
+def _folder_family(path: Path, base: str) -> tuple[object, str, bool]:
+    """(family, evidence, decisive) of a diffusers pipeline folder."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(
+            f"model.base '{base}' is a folder but not a diffusers pipeline (no model_index.json). "
+            "Point it at a folder written by save_pretrained or 'sdtrain base tiny DIR', or at a single .safetensors file."
+        )
+    try:
+        class_name = json.loads(index_file.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.base '{base}': '{index_file}' cannot be read ({err.__class__.__name__}). Check that the folder is complete.") from None
+    candidates = [family for family in all_families() if family.pipeline_class_name == class_name]
+    if not candidates:
+        known = ", ".join(sorted({family.pipeline_class_name for family in all_families()}))
+        raise UserError(f"model.base '{base}' is a {class_name} folder; sdtrain trains {known} models.")
+    if len(candidates) == 1:
+        return candidates[0], f"a {class_name} folder", True
+    width = None
+    config_file = path / candidates[0].text_encoders[0].component / "config.json"
+    if config_file.is_file():
+        width = json.loads(config_file.read_text(encoding="utf-8")).get("hidden_size")
+    for family in candidates:
+        if family.text_widths[0] == width:
+            return family, f"a {class_name} folder with a {width}-wide text encoder", True
+    return candidates[0], f"a {class_name} folder with a {width}-wide text encoder (no real model's width)", False
 
-    from trainer.models.single_file import PACKAGED_CONFIGS, PACKAGED_MODELS
-    from trainer.models.tokenizer import clip_tokenizer
 
-    if architecture not in PACKAGED_MODELS:
-        choices = ", ".join(f"'{RANDOM_PREFIX}{name}' ({model})" for name, model in PACKAGED_MODELS.items())
-        raise UserError(f"model.base '{RANDOM_PREFIX}{architecture}' names no packaged architecture; use {choices}.")
-    config_dir = str(PACKAGED_CONFIGS / architecture)
-    text_config = CLIPTextConfig.from_json_file(PACKAGED_CONFIGS / architecture / "text_encoder" / "config.json")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        parts = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir, subfolder="unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir, subfolder="vae")),
-            "text_encoder": CLIPTextModel(text_config),
-        }
-    for module in parts.values():
-        module.eval()
-    # SD2's OpenCLIP tokenizer pads with "!"; SD1's with the end-of-text token.
-    parts["tokenizer"] = clip_tokenizer(pad_token="!" if text_config.hidden_size == 1024 else "<|endoftext|>")
-    parts["scheduler"] = _training_scheduler(DDPMScheduler.load_config(config_dir, subfolder="scheduler"))
+def _file_family(path: Path, base: str, allow_unsafe_pickle: bool) -> BaseSource:
+    if path.suffix.lower() == ".safetensors":
+        keys, metadata = read_safetensors_keys(path, "model.base")
+        tensors = None
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        tensors, metadata = read_state_dict(path, allow_unsafe_pickle)
+        keys = list(tensors)
+    else:
+        raise UserError(
+            f"model.base '{path}' has an unknown extension '{path.suffix}'. Use a single-file checkpoint "
+            "(.safetensors, or a .ckpt pickle) or a diffusers folder."
+        )
+    other = what_else(keys)
+    if other:
+        raise UserError(f"model.base '{path}' is {other}. Set model.base to a full SD1.x/SD2.x/SDXL checkpoint or a diffusers folder.")
+    try:
+        layout = detect_layout(keys)
+    except CheckpointLayoutError as err:
+        raise UserError(f"model.base '{path}' has {err}; sdtrain needs a full checkpoint (UNet, VAE and text encoders). Use a full SD1.x/SD2.x/SDXL checkpoint or a diffusers folder.") from None
+    family = next(family for family in all_families() if family.single_file_layout == layout)
+    return BaseSource(base, family, "single_file", path.stem, f"a single file in the {layout} layout", path=path, tensors=tensors, metadata=metadata)
+
+
+def locate_base(base: str, family: str = AUTO, allow_unsafe_pickle: bool = False) -> BaseSource:
+    """Where ``base`` (``model.base``) is and which family it is; ``family`` is ``model.family``.
+
+    Reads no weights except a pickled single file's (which has no cheap header).
+    """
+    builtins = _builtin_families()
+    if base in builtins:
+        source = BaseSource(base, builtins[base], "builtin", f"sdtrain-{base}", f"the built-in '{base}' model")
+    elif base.startswith(RANDOM_PREFIX):
+        config = base[len(RANDOM_PREFIX):]
+        randoms = _random_families()
+        if config not in randoms:
+            choices = ", ".join(f"'{RANDOM_PREFIX}{name}' ({f.title})" for name, f in randoms.items())
+            raise UserError(f"model.base '{base}' names no packaged architecture; use {choices}.")
+        source = BaseSource(base, randoms[config], "random", f"sdtrain-random-{config}", f"the packaged {config} architecture")
+    elif Path(base).is_dir():
+        found, evidence, decisive = _folder_family(Path(base), base)
+        source = BaseSource(base, found, "folder", Path(base).resolve().name, evidence, decisive, path=Path(base))
+    elif Path(base).is_file():
+        source = _file_family(Path(base), base, allow_unsafe_pickle)
+    elif _looks_like_hub_id(base):
+        path = _hub_snapshot(base)
+        found, evidence, decisive = _folder_family(path, base)
+        source = BaseSource(base, found, "folder", base.split("/")[-1], f"{evidence} in the local Hugging Face cache", decisive, path=path)
+    else:
+        builtin = ", ".join(f"'{name}'" for name in builtins)
+        raise UserError(
+            f"model.base '{base}' does not exist. Use a built-in model ({builtin}), a diffusers folder, a single-file "
+            ".safetensors checkpoint, a hub id already in the local Hugging Face cache, or for benchmarks "
+            f"'{RANDOM_PREFIX}sd1' (or another packaged architecture): that architecture with random weights."
+        )
+    if family == AUTO or family == source.family.name:
+        return source
+    wanted = family_named(family)
+    if source.decisive or wanted.pipeline_class_name != source.family.pipeline_class_name:
+        raise UserError(
+            f"Recipe key 'model.family' is '{family}' ({wanted.title}), but model.base '{base}' is {source.evidence}: a "
+            f"{source.family.title} model. Remove model.family (auto finds it), or point model.base at a {wanted.title} model."
+        )
+    source.family, source.evidence = wanted, f"{source.evidence}, read as {wanted.title} (model.family)"
+    return source
+
+
+def _set_prediction_type(scheduler: DDPMScheduler, prediction_type: str) -> DDPMScheduler:
+    if prediction_type == "auto":
+        return scheduler
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(f"Recipe key 'model.prediction_type' is '{prediction_type}'; use 'auto', 'epsilon' or 'v_prediction'.")
+    return DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+
+
+def training_scheduler(scheduler_config) -> DDPMScheduler:
+    # Whatever scheduler a pipeline ships for sampling, training uses DDPM with its betas.
+    config = dict(scheduler_config)
+    config["clip_sample"] = False
+    return DDPMScheduler.from_config(config)
+
+
+def _folder_parts(source: BaseSource) -> dict:
+    family = source.family
+    try:
+        pipe = family.pipeline_class().from_pretrained(str(source.path), local_files_only=True, **family.folder_loading_extras())
+    except Exception as err:  # diffusers raises many types for a broken folder
+        raise UserError(f"model.base '{source.base}' could not be loaded as a {family.pipeline_class_name} folder: {err}. Check that the folder is complete.") from err
+    parts = {name: component for name, component in pipe.components.items() if component is not None}
+    parts["scheduler"] = training_scheduler(pipe.scheduler.config)
     return parts
 
 
-def load_base_model(base: str, config: str | None = None, prediction_type: str = "auto", allow_unsafe_pickle: bool = False) -> BaseModel:
-    """Load ``model.base``; raises ``UserError`` with the fix when it cannot be read."""
-    if base == "tiny":
-        from trainer.models.tiny import tiny_components
+def _random_parts(source: BaseSource) -> dict:
+    """The packaged architecture with seeded random weights."""
+    family = source.family
+    config_dir = PACKAGED_CONFIGS / source.base[len(RANDOM_PREFIX):]
+    parts = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config_dir), subfolder="unet"))
+        parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir), subfolder="vae"))
+        for spec in family.text_encoders:
+            parts[spec.component] = text_encoder_class(spec)(CLIPTextConfig.from_json_file(config_dir / spec.component / "config.json"))
+    for spec in family.text_encoders:
+        parts[spec.tokenizer_component] = clip_tokenizer(pad_token=spec.pad_token)
+    for name in ("unet", "vae", *(spec.component for spec in family.text_encoders)):
+        parts[name].eval()
+    parts["scheduler"] = training_scheduler(DDPMScheduler.load_config(str(config_dir), subfolder="scheduler"))
+    return parts
 
-        parts, name = tiny_components(), "sdtrain-tiny"
-    elif base == "toy":
-        # The toy world's pretrained base (trainer/toyworld), from the per-user cache.
-        from trainer.toyworld.pretrain import BASE_NAME, toy_base_dir
 
-        parts, name = _from_diffusers_folder(str(toy_base_dir())), BASE_NAME
-    elif base.startswith(RANDOM_PREFIX):
-        architecture = base[len(RANDOM_PREFIX):]
-        parts, name = _random_components(architecture), f"sdtrain-random-{architecture}"
-    elif Path(base).is_dir():
-        if not (Path(base) / "model_index.json").is_file():
-            raise UserError(
-                f"model.base '{base}' is a folder but not a diffusers pipeline (no model_index.json). "
-                "Point it at a folder written by save_pretrained or 'sdtrain base tiny DIR', or at a single .safetensors file."
-            )
+def _load_vae(vae: str, base_vae: AutoencoderKL, family, allow_unsafe_pickle: bool) -> AutoencoderKL:
+    """``model.vae``: a VAE folder (or a pipeline folder's vae/) or a single VAE file, for this model's architecture."""
+    path = Path(vae)
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.vae '{vae}' is a folder without a VAE config.json (nor a vae/ subfolder). Point it at a diffusers VAE folder or a .safetensors VAE file.")
         try:
-            parts = _from_diffusers_folder(base)
-        except Exception as err:  # diffusers raises many types for a broken folder
-            raise UserError(f"model.base '{base}' could not be loaded as a diffusers pipeline: {err}. Check that the folder is complete.") from err
-        name = Path(base).resolve().name
-    elif Path(base).is_file():
-        from trainer.models.single_file import load_single_file
-
-        parts = load_single_file(Path(base), config_dir=Path(config) if config else None, allow_unsafe_pickle=allow_unsafe_pickle)
-        name = Path(base).stem
-    elif _looks_like_hub_id(base):
-        try:
-            parts = _from_diffusers_folder(base)
+            loaded = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except Exception as err:
+            raise UserError(f"model.vae '{vae}' could not be loaded as a diffusers VAE: {err}.") from None
+        expected, got = base_vae.config, loaded.config
+        if (got.latent_channels, len(got.block_out_channels)) != (expected.latent_channels, len(expected.block_out_channels)):
             raise UserError(
-                f"model.base '{base}' is neither a file nor a folder, and no copy of the hub repository '{base}' is in the "
-                f"local Hugging Face cache ({err.__class__.__name__}). sdtrain never downloads: download it on a machine with "
-                "network access, or set model.base to 'tiny', a diffusers folder or a .safetensors file."
-            ) from err
-        name = base.split("/")[-1]
+                f"model.vae '{vae}' has {got.latent_channels} latent channels and {len(got.block_out_channels)} levels; this "
+                f"{family.title} model's VAE has {expected.latent_channels} and {len(expected.block_out_channels)}: it is a VAE of "
+                "another model family. Use a VAE made for this model (or leave model.vae unset)."
+            )
+        return loaded.eval()
+    if path.is_file():
+        return load_vae_file(path, dict(base_vae.config), family.title, allow_unsafe_pickle)
+    raise UserError(f"model.vae '{vae}' does not exist. Set it to a diffusers VAE folder or a .safetensors VAE file, or remove it.")
+
+
+def load_base_model(
+    base: str | BaseSource,
+    *,
+    config: str | None = None,
+    family: str = AUTO,
+    prediction_type: str = "auto",
+    vae: str | None = None,
+    vae_fp32: bool | None = None,
+    allow_unsafe_pickle: bool = False,
+) -> BaseModel:
+    """Load ``model.base`` (or an already located source); raises ``UserError`` with the fix when it cannot be read."""
+    source = base if isinstance(base, BaseSource) else locate_base(base, family, allow_unsafe_pickle)
+    found = source.family
+    if source.kind == "builtin":
+        built = found.builtin(source.base)
+        parts = built if isinstance(built, dict) else _folder_parts(BaseSource(source.base, found, "folder", source.name, source.evidence, path=built))
+    elif source.kind == "random":
+        parts = _random_parts(source)
+    elif source.kind == "folder":
+        parts = _folder_parts(source)
     else:
-        raise UserError(
-            f"model.base '{base}' does not exist. Use 'tiny' (the built-in model), a diffusers folder, a single-file "
-            ".safetensors checkpoint, a hub id already in the local Hugging Face cache, or for benchmarks 'random:sd1' "
-            "('random:sd2', 'random:sd2-base'): that architecture with random weights."
-        )
+        tensors, metadata = (source.tensors, source.metadata) if source.tensors is not None else read_state_dict(source.path, allow_unsafe_pickle)
+        source.tensors = None  # the loaded model holds the weights now
+        parts = load_single_file(source.path, found, tensors, metadata, Path(config) if config else None)
+    text_encoders = []
+    for spec in found.text_encoders:
+        fix_pooling(parts[spec.component], parts[spec.tokenizer_component])
+        text_encoders.append(TextEncoder(spec, parts[spec.tokenizer_component], parts[spec.component]))
     return BaseModel(
+        family=found,
         unet=parts["unet"],
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
+        vae=parts["vae"] if vae is None else _load_vae(vae, parts["vae"], found, allow_unsafe_pickle),
+        text_encoders=text_encoders,
         noise_scheduler=_set_prediction_type(parts["scheduler"], prediction_type),
-        source=base,
-        name=name,
+        source=source.base,
+        name=source.name,
+        vae_fp32=found.vae_fp32_by_default if vae_fp32 is None else vae_fp32,
     )
 
 
-def save_diffusers_folder(model: BaseModel, directory: Path) -> None:
-    """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
-    from diffusers import StableDiffusionPipeline
-
-    from trainer.atomic import staged_directory
-    from trainer.sampling import sampling_scheduler
-
-    pipe = StableDiffusionPipeline(
-        unet=model.unet,
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        scheduler=sampling_scheduler(model.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+def load_recipe_model(model_cfg, source: BaseSource | None = None) -> BaseModel:
+    """The base model a recipe's ``model`` section describes."""
+    return load_base_model(
+        source or model_cfg.base,
+        config=model_cfg.config,
+        family=model_cfg.family,
+        prediction_type=model_cfg.prediction_type,
+        vae=model_cfg.vae,
+        vae_fp32=model_cfg.vae_fp32,
+        allow_unsafe_pickle=model_cfg.allow_unsafe_pickle,
     )
-    with staged_directory(directory) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-
-
-def torch_load_safely(path: Path, allow_unsafe_pickle: bool):
-    """Read a pickled .ckpt/.pt with weights_only=True; anything else only with the explicit opt-in."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if not allow_unsafe_pickle:
-            raise UserError(
-                f"'{path}' is a pickle that torch.load(weights_only=True) refuses ({err.__class__.__name__}). "
-                "Pickles can run code when loaded. Convert it to .safetensors, or if you trust its source set "
-                "model.allow_unsafe_pickle=true."
-            ) from None
-        return torch.load(path, map_location="cpu", weights_only=False)

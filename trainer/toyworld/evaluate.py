@@ -30,7 +30,8 @@ from trainer.atomic import write_file, write_text
 from trainer.errors import UserError
 from trainer.formats import a1111_hypernetwork, kohya_lora, lycoris
 from trainer.formats import textual_inversion as ti_format
-from trainer.models.loading import BaseModel, load_base_model
+from trainer.models.base_model import BaseModel
+from trainer.models.loading import load_base_model
 from trainer.toyworld import world
 from trainer.toyworld.judge import Judge, JudgeAccuracy, accuracy_from_metadata, judge_pixels
 from trainer.toyworld.pretrain import load_judge, toy_base_dir
@@ -115,7 +116,7 @@ def apply_network(model: BaseModel, path: Path) -> None:
     """Merge a kohya-named LoRA or LyCORIS file into the model's weights, as the UIs apply it."""
     from safetensors.torch import load_file
 
-    unmatched = lycoris.apply_to_model(load_file(path), model.unet, model.text_encoder)
+    unmatched = lycoris.apply_to_model(load_file(path), model)
     if unmatched:
         raise UserError(
             f"The network '{path}' has {len(unmatched)} layers the toy base does not have (e.g. {unmatched[0]}): it was "
@@ -179,20 +180,22 @@ def apply_embedding(model: BaseModel, path: Path) -> str:
 
     embedding = ti_format.read_embedding(path)
     word = embedding.token or path.stem
-    width = model.text_encoder.get_input_embeddings().weight.shape[1]
-    if embedding.vectors.shape[1] != width:
-        raise UserError(
-            f"The embedding '{path}' has {embedding.vectors.shape[1]}-wide vectors, but the toy base's text encoder is {width} wide: "
-            "it was trained on another base model. Train it with model.base: toy (recipes/toy/sls_frog_ti.yaml)."
-        )
-    tokens = placeholder_tokens(word, embedding.vectors.shape[0])
-    if model.tokenizer.add_tokens(tokens) != len(tokens):
-        raise UserError(f"The embedding's word '{word}' ('{path}') is a word the toy base already knows; rename the file to a made-up word.")
-    # The new rows are overwritten below: no need for transformers to initialise them from the table's statistics.
-    model.text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
-    table = model.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        table[model.tokenizer.convert_tokens_to_ids(tokens)] = embedding.vectors.to(table.dtype)
+    for te in model.text_encoders:
+        vectors = embedding.for_encoder(te.spec.key, len(model.text_encoders), path)
+        width = te.model.get_input_embeddings().weight.shape[1]
+        if vectors.shape[1] != width:
+            raise UserError(
+                f"The embedding '{path}' has {vectors.shape[1]}-wide vectors, but the toy base's text encoder is {width} wide: "
+                "it was trained on another base model. Train it with model.base: toy (recipes/toy/sls_frog_ti.yaml)."
+            )
+        tokens = placeholder_tokens(word, vectors.shape[0])
+        if te.tokenizer.add_tokens(tokens) != len(tokens):
+            raise UserError(f"The embedding's word '{word}' ('{path}') is a word the toy base already knows; rename the file to a made-up word.")
+        # The new rows are overwritten below: no need for transformers to initialise them from the table's statistics.
+        te.model.resize_token_embeddings(len(te.tokenizer), mean_resizing=False)
+        table = te.model.get_input_embeddings().weight
+        with torch.no_grad():
+            table[te.tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(table.dtype)
     return word
 
 
@@ -256,7 +259,7 @@ def draw_samples(model: BaseModel, prompts: list[str], settings: EvalSettings, w
     from trainer.sampling import sampling_pipeline
 
     pipe = sampling_pipeline(model, torch.device("cpu"))
-    for part in (model.unet, model.vae, model.text_encoder):
+    for part in model.parts().values():
         # Full models are saved in fp16; CPU sampling needs fp32 throughout.
         part.float().eval()
     samples = {}

@@ -34,7 +34,9 @@ from trainer import diffusion
 from trainer.atomic import staged_directory, write_text
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata, save_safetensors
-from trainer.models.loading import BaseModel, save_diffusers_folder
+from trainer.families.sd import SD1
+from trainer.models.base_model import BaseModel, TextEncoder
+from trainer.models.export import save_diffusers_folder
 from trainer.models.tiny import sd_noise_scheduler, seeded, small_clip_text_encoder
 from trainer.models.tokenizer import clip_tokenizer
 from trainer.toyworld import world
@@ -46,7 +48,7 @@ TEXT_WIDTH = 64
 LATENT_SIZE = world.RESOLUTION // 2
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 BASE_FILE, JUDGE_FILE = "toy_base.safetensors", "judge.safetensors"
-BASE_NAME = "sdtrain-toyworld"
+BASE_NAME = "sdtrain-toy"
 
 
 def toy_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
@@ -222,7 +224,11 @@ def unpack_base(path: Path) -> BaseModel:
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)})
         module.eval()
-    return BaseModel(**parts, tokenizer=clip_tokenizer(), noise_scheduler=sd_noise_scheduler(), source="toy", name=BASE_NAME)
+    (spec,) = SD1.text_encoders
+    return BaseModel(
+        family=SD1, unet=parts["unet"], vae=parts["vae"], text_encoders=[TextEncoder(spec, clip_tokenizer(), parts["text_encoder"])],
+        noise_scheduler=sd_noise_scheduler(), source="toy", name=BASE_NAME,
+    )
 
 
 def pack_judge(judge: Judge, path: Path, settings: Pretraining, metadata: dict[str, str]) -> Path:

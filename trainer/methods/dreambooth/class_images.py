@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from trainer.data.sources import is_image
 from trainer.errors import UserError
 from trainer.models.loading import BaseModel
-from trainer.sampling import sampling_pipeline, save_png_with_settings
+from trainer.sampling import draw, sampling_pipeline, save_png_with_settings
 
 # Room for a PNG's header and text chunks on top of its pixel data.
 _PNG_OVERHEAD = 4096
@@ -115,7 +115,9 @@ def generate_class_images(model: BaseModel, request: ClassImageRequest, indices:
         for start in range(0, len(indices), request.batch_size):
             chunk = indices[start:start + request.batch_size]
             seeds = [request.seed + index for index in chunk]
-            images = pipe(
+            images = draw(
+                model,
+                pipe,
                 [request.prompt] * len(chunk),
                 negative_prompt=[request.negative_prompt] * len(chunk) if request.negative_prompt else None,
                 width=request.width,
@@ -125,7 +127,7 @@ def generate_class_images(model: BaseModel, request: ClassImageRequest, indices:
                 # One generator per image: its picture depends on its own seed, not on the batch it is drawn in.
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
                 clip_skip=request.clip_skip - 1 or None,
-            ).images
+            )
             for index, seed, image in zip(chunk, seeds, images, strict=True):
                 paths.append(
                     save_png_with_settings(

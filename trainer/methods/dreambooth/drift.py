@@ -32,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from trainer import diffusion
 from trainer.data.dataset import load_pixels
 from trainer.data.scan import scan
 from trainer.loop import train
 from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images
-from trainer.models.loading import BaseModel, load_base_model
+from trainer.models.base_model import BaseModel
+from trainer.models.conditioning import ImageGeometry
+from trainer.models.loading import load_base_model, load_recipe_model
 from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
 REPO = Path(__file__).resolve().parents[3]
@@ -55,7 +56,7 @@ def encode_images(model: BaseModel, directory: Path, resolution: int) -> torch.T
     cfg = DataConfig(subsets=[SubsetConfig(dir=str(directory))], resolution=resolution)
     cfg.buckets.enabled = False
     pixels = torch.stack([load_pixels(item, flipped=False) for item in scan(cfg).items])
-    return model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
+    return model.encode_latents(pixels)
 
 
 @torch.no_grad()
@@ -63,13 +64,14 @@ def noise_predictions(model: BaseModel, prompt: str, latents: torch.Tensor, clip
     """The UNet's predictions for ``latents`` noised at every timestep of ``TIMESTEPS``; the noise is
     seeded, so every model and prompt sees the same inputs."""
     generator = torch.Generator("cpu").manual_seed(EVAL_SEED)
-    hidden = diffusion.encode_prompts(model.tokenizer, model.text_encoder, [prompt], clip_skip, latents.device)
+    text = model.encode_text([prompt] * len(latents), clip_skip)
+    geometry = [ImageGeometry.square(latents.shape[-1] * model.vae_scale_factor)] * len(latents)
     predictions = []
     for t in TIMESTEPS:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.full((len(latents),), t, dtype=torch.long)
-        noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-        predictions.append(model.unet(noisy, timesteps, hidden.expand(len(latents), -1, -1)).sample)
+        noisy = model.objective.add_noise(latents, noise, timesteps)
+        predictions.append(model.predict(noisy, timesteps, text, geometry))
     return torch.cat(predictions)
 
 
@@ -98,7 +100,7 @@ def measure(recipe_path: Path, overrides: list[str], root: Path, instance_prompt
     }
     recipe = next(iter(recipes.values()))
     cfg, clip_skip = recipe.dreambooth, recipe.model.clip_skip
-    base = load_base_model(recipe.model.base, recipe.model.config, recipe.model.prediction_type)
+    base = load_recipe_model(recipe.model)
     resolution = cfg.class_resolution or recipe.data.resolution
     held_out = ClassImageRequest(
         directory=root / "eval_class_images", count=EVAL_IMAGES, prompt=cfg.class_prompt, negative_prompt=cfg.class_negative_prompt,

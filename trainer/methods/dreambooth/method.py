@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.formats.ldm_checkpoint import save_single_file
 from trainer.formats.safetensors_file import DTYPES
 from trainer.methods.base import ExportContext, TrainingMethod
 from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images, images_of_other_prompts
-from trainer.models.loading import BaseModel, save_diffusers_folder
+from trainer.models.base_model import BaseModel
+from trainer.models.export import save_diffusers_folder, save_single_file
 from trainer.recipe import Recipe, SubsetConfig
 
 STEPS_KEY = "dreambooth.optimizer_steps"
@@ -73,7 +73,7 @@ class DreamBoothMethod(TrainingMethod):
         super().__init__(recipe, model)
         _check_config(recipe, model)
         self.cfg = recipe.dreambooth
-        self._parts = ("unet", "text_encoder") if self.cfg.train_text_encoder else ("unet",)
+        self._parts = ("unet", *model.text_encoder_modules()) if self.cfg.train_text_encoder else ("unet",)
         # Decides when the text encoder stops and the EMA decay, so it is part of every checkpoint.
         self._steps = torch.zeros((), dtype=torch.int64)
         self._ema: dict[str, torch.Tensor] = {}
@@ -81,6 +81,10 @@ class DreamBoothMethod(TrainingMethod):
     @classmethod
     def reg_loss_weight(cls, recipe: Recipe) -> float:
         return recipe.dreambooth.prior_loss_weight
+
+    @classmethod
+    def text_encoder_training_key(cls, recipe: Recipe) -> str | None:
+        return "dreambooth.train_text_encoder" if recipe.dreambooth.train_text_encoder else None
 
     # --- data ---------------------------------------------------------------------------------
     def class_image_request(self) -> ClassImageRequest:
@@ -130,13 +134,15 @@ class DreamBoothMethod(TrainingMethod):
     def setup(self) -> None:
         self.model.vae.requires_grad_(False)
         self.model.unet.requires_grad_(True)
-        self.model.text_encoder.requires_grad_(self.cfg.train_text_encoder)
+        for encoder in self.model.text_encoder_modules().values():
+            encoder.requires_grad_(self.cfg.train_text_encoder)
         if self.cfg.ema:
             self._ema = {key: param.detach().float().clone() for key, param in self._weights().items()}
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         # By configuration, not by requires_grad: the text encoder stays a trained part after it stops.
-        return {part: getattr(self.model, part) for part in self._parts}
+        parts = self.model.parts()
+        return {part: parts[part] for part in self._parts}
 
     def _weights(self) -> dict[str, nn.Parameter]:
         return {f"{part}.{name}": param for part, module in self.trainable_modules().items() for name, param in module.named_parameters()}
@@ -156,20 +162,21 @@ class DreamBoothMethod(TrainingMethod):
         # Without gradients AdamW skips the text encoder's parameters entirely (no update, no weight decay).
         limit = self.cfg.text_encoder_steps
         if self.cfg.train_text_encoder and limit and int(self._steps) >= limit:
-            self.model.text_encoder.requires_grad_(False)
+            for encoder in self.model.text_encoder_modules().values():
+                encoder.requires_grad_(False)
 
     # --- how the loss is formed --------------------------------------------------------------------
-    def loss(self, latents, captions, loss_weights, noise, timesteps):
+    def loss(self, batch):
         """kohya's weighted batch mean, sum(w * loss) / batch size with w = prior_loss_weight for class samples,
         except that samples of weight 0 do not count toward the batch size.
 
         So weight 0 is exactly "no class data" (the loss and gradient of the batch's instance samples alone),
         while any other weight scales the class samples' loss by itself, in mixed and class-only batches alike.
         """
-        counted = int((loss_weights > 0).sum())
+        counted = int((batch.loss_weights > 0).sum())
         if counted:
-            loss_weights = loss_weights * (len(loss_weights) / counted)
-        return super().loss(latents, captions, loss_weights, noise, timesteps)
+            batch = replace(batch, loss_weights=batch.loss_weights * (len(batch.loss_weights) / counted))
+        return super().loss(batch)
 
     def after_optimizer_step(self) -> None:
         self._steps += 1
@@ -187,12 +194,15 @@ class DreamBoothMethod(TrainingMethod):
     def exported_model(self) -> BaseModel:
         """A CPU copy of the model as it is shipped: the EMA weights if kept, in output.save_dtype."""
         dtype = DTYPES[self.recipe.output.save_dtype]
-        parts = {name: copy.deepcopy(getattr(self.model, name)).to("cpu", dtype).eval() for name in ("unet", "vae", "text_encoder")}
+        copy_of = copy.deepcopy(self.model)
+        parts = copy_of.parts()
+        for part in parts.values():
+            part.to("cpu", dtype).eval()
         with torch.no_grad():
             for key, shadow in self._ema.items():
                 part, _, name = key.partition(".")
                 parts[part].get_parameter(name).copy_(shadow)
-        return replace(self.model, **parts)
+        return copy_of
 
     def export(self, context: ExportContext) -> list[Path]:
         recipe, model = self.recipe, self.exported_model()
@@ -202,10 +212,8 @@ class DreamBoothMethod(TrainingMethod):
             if recipe.model.clip_skip > 1:
                 extra["modelspec.encoder_layer"] = str(recipe.model.clip_skip)
             paths.append(save_single_file(
-                context.output_dir / f"{context.name}.safetensors", model.unet, model.vae, model.text_encoder,
-                is_v2=model.is_v2, prediction_type=model.noise_scheduler.config.prediction_type,
-                dtype=DTYPES[recipe.output.save_dtype], title=recipe.output.name,
-                metadata={key: value for key, value in extra.items() if value},
+                model, context.output_dir / f"{context.name}.safetensors", dtype=DTYPES[recipe.output.save_dtype],
+                title=recipe.output.name, metadata={key: value for key, value in extra.items() if value},
             ))
         if "diffusers" in recipe.output.formats:
             directory = context.output_dir / f"{context.name}_diffusers"

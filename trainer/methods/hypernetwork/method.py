@@ -43,7 +43,7 @@ class HypernetworkMethod(TrainingMethod):
 
     def setup(self) -> None:
         cfg, model = self.recipe.hypernetwork, self.model
-        for part in (model.unet, model.vae, model.text_encoder):
+        for part in model.parts().values():
             part.requires_grad_(False)
         try:
             structure = Structure(

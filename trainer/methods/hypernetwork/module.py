@@ -242,7 +242,15 @@ def load_hypernetwork(unet: nn.Module, path: Path | str, strength: float = 1.0) 
     if not set(hypernetwork.widths) & set(seen):
         raise UserError(
             f"'{path}' is for context widths {hypernetwork.widths}, but this UNet's attention layers see {seen}: "
-            "it was trained for another model family (768 = SD1, 1024 = SD2)."
+            "it was trained for another model family (768 = SD1, 1024 = SD2, 2048 = SDXL)."
+        )
+    text_widths = cross_attention_widths(unet)
+    if not set(hypernetwork.widths) & set(text_widths):
+        # AUTOMATIC1111 and ComfyUI pick modules by width alone, so the UIs would apply it too - to self-attention.
+        print(
+            f"warning: '{path}' has no module for this model's text width ({', '.join(map(str, text_widths))}): it was trained for "
+            f"another model family, and its {', '.join(str(w) for w in hypernetwork.widths if w in seen)}-wide modules change "
+            "self-attention layers here, as they would in AUTOMATIC1111 and ComfyUI."
         )
     hypernetwork.set_strength(strength)
     hypernetwork.to(unet.device).eval()

@@ -40,9 +40,13 @@ class LoraMethod(TrainingMethod):
     name = "lora"
     formats = ("kohya", "diffusers")
 
+    @classmethod
+    def text_encoder_training_key(cls, recipe) -> str | None:
+        return "lora.text_encoder" if recipe.lora.text_encoder else None
+
     def setup(self) -> None:
         cfg, model = self.recipe.lora, self.model
-        for part in (model.unet, model.vae, model.text_encoder):
+        for part in model.parts().values():
             part.requires_grad_(False)
         linear = _matching(model.unet, ATTENTION) + (_matching(model.unet, FEED_FORWARD) if cfg.feed_forward else [])
         convs = _matching(model.unet, CONVOLUTIONS) if cfg.conv_rank > 0 else []
@@ -58,20 +62,24 @@ class LoraMethod(TrainingMethod):
             )
         )
         if cfg.text_encoder:
-            # peft directly: transformers' own add_adapter demands a newer peft than PyPI has.
-            inject_adapter_in_model(
-                PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_matching(model.text_encoder, TEXT_ENCODER)),
-                model.text_encoder,
-            )
-        for part in (model.unet, model.text_encoder):
+            for encoder in model.text_encoder_modules().values():
+                # peft directly: transformers' own add_adapter demands a newer peft than PyPI has.
+                inject_adapter_in_model(
+                    PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_matching(encoder, TEXT_ENCODER)),
+                    encoder,
+                )
+        for part in (model.unet, *model.text_encoder_modules().values()):
             for name, param in part.named_parameters():
                 param.requires_grad_("lora_" in name)
 
+    def adapted_parts(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.unet, **self.model.text_encoder_modules()}
+
     def kohya_modules(self) -> dict[str, kohya_lora.LoraWeights]:
         modules = {}
-        for prefix, part in ((kohya_lora.UNET_PREFIX, self.model.unet), (kohya_lora.TEXT_ENCODER_PREFIX, self.model.text_encoder)):
+        for component, part in self.adapted_parts().items():
             for path, layer in lora_layers(part).items():
-                modules[kohya_lora.kohya_name(prefix, path)] = kohya_lora.LoraWeights(
+                modules[self.model.kohya_name(component, path)] = kohya_lora.LoraWeights(
                     down=layer.lora_A["default"].weight.detach().float().cpu(),
                     up=layer.lora_B["default"].weight.detach().float().cpu(),
                     alpha=float(layer.lora_alpha["default"]),
@@ -96,14 +104,14 @@ class LoraMethod(TrainingMethod):
         return save_safetensors(context.output_dir / f"{context.name}.safetensors", tensors, metadata, with_hashes=True)
 
     def _export_diffusers(self, context: ExportContext) -> Path:
-        from diffusers import StableDiffusionPipeline
-
         dtype = DTYPES[self.recipe.output.save_dtype]
-        layers = {}
-        for part_name, part in (("unet_lora_layers", self.model.unet), ("text_encoder_lora_layers", self.model.text_encoder)):
-            if lora_layers(part):
-                layers[part_name] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(part).items()}
+        # diffusers' save_lora_weights names its arguments after the pipeline's components.
+        layers = {
+            f"{component}_lora_layers": {k: v.to(dtype) for k, v in get_peft_model_state_dict(part).items()}
+            for component, part in self.adapted_parts().items()
+            if lora_layers(part)
+        }
         directory = context.output_dir / f"{context.name}_diffusers"
         with staged_directory(directory) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
+            self.model.family.pipeline_class().save_lora_weights(tmp, safe_serialization=True, **layers)
         return directory

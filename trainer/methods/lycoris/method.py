@@ -16,7 +16,6 @@ from torch import nn
 
 from trainer.errors import UserError
 from trainer.formats import lycoris as lycoris_format
-from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
 from trainer.formats.kohya_metadata import network_metadata
 from trainer.formats.safetensors_file import DTYPES, save_safetensors
 from trainer.methods.base import ExportContext, TrainingMethod
@@ -98,14 +97,14 @@ def build_adapter(cfg: LycorisConfig, path: str, layer: nn.Module) -> modules.Ly
     return build(layer, rank, alpha, cfg.use_tucker, **drops)
 
 
-def add_adapters(part: nn.Module, prefix: str, cfg: LycorisConfig, patterns: tuple[re.Pattern, ...] | None) -> dict[str, modules.LycorisAdapter]:
-    """Replace the targeted layers of ``part`` by adapters; returns them by kohya name."""
+def add_adapters(part: nn.Module, kohya_name, cfg: LycorisConfig, patterns: tuple[re.Pattern, ...] | None) -> dict[str, modules.LycorisAdapter]:
+    """Replace the targeted layers of ``part`` by adapters; returns them by kohya name (``kohya_name(path)``)."""
     adapters = {}
     for path, layer in _targets(part, patterns).items():
         adapter = build_adapter(cfg, path, layer)
         if adapter is None:
             continue
-        name = kohya_name(prefix, path)
+        name = kohya_name(path)
         if name in adapters:
             raise UserError(f"Two layers of the model both get the kohya name '{name}'; this model's module names cannot be written as a LyCORIS file.")
         parent_path, _, child = path.rpartition(".")
@@ -119,15 +118,20 @@ class LycorisMethod(TrainingMethod):
     # The LyCORIS tensors in kohya's naming: the file AUTOMATIC1111 and ComfyUI load from models/Lora.
     formats = ("kohya",)
 
+    @classmethod
+    def text_encoder_training_key(cls, recipe) -> str | None:
+        return "lycoris.text_encoder" if recipe.lycoris.text_encoder else None
+
     def setup(self) -> None:
         cfg, model = self.recipe.lycoris, self.model
         _check(cfg)
-        for part in (model.unet, model.vae, model.text_encoder):
+        for part in model.parts().values():
             part.requires_grad_(False)
         preset = PRESETS[cfg.preset]
-        self.adapters = add_adapters(model.unet, UNET_PREFIX, cfg, preset["unet"])
+        self.adapters = add_adapters(model.unet, lambda path: model.kohya_name("unet", path), cfg, preset["unet"])
         if cfg.text_encoder:
-            self.adapters.update(add_adapters(model.text_encoder, TEXT_ENCODER_PREFIX, cfg, preset["text_encoder"]))
+            for component, encoder in model.text_encoder_modules().items():
+                self.adapters.update(add_adapters(encoder, lambda path, c=component: model.kohya_name(c, path), cfg, preset["text_encoder"]))
         if not self.adapters:
             raise UserError(f"lycoris.algo={cfg.algo} with lycoris.preset={cfg.preset} targets no layer. Choose a larger preset (e.g. attn-mlp).")
         for adapter in self.adapters.values():

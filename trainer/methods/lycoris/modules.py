@@ -53,6 +53,9 @@ def _rank_keep_mask(shape: tuple[int, ...], probability: float, like: torch.Tens
     return keep / (1.0 - probability)
 
 
+_LAYER_SHAPE_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride", "padding")
+
+
 class LycorisAdapter(nn.Module):
     """A frozen layer plus trained tensors ``{file suffix: tensor}`` whose change the format functions compute."""
 
@@ -66,6 +69,16 @@ class LycorisAdapter(nn.Module):
         self.constants = dict(constants)
         self.dropout = nn.Dropout(dropout)
         self.rank_dropout = rank_dropout
+
+    def __getattr__(self, name: str):
+        # The wrapped layer's shape attributes (in_features, out_channels, ...): model code reads them
+        # (diffusers' SDXL pipeline asks add_embedding.linear_1.in_features).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _LAYER_SHAPE_ATTRIBUTES:
+                return getattr(self.base, name)
+            raise
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The module's tensors as the file has them (live parameters, so gradients flow through them)."""

@@ -119,16 +119,28 @@ class TextualInversionMethod(TrainingMethod):
         _check_placeholder(cfg.placeholder)
         if cfg.num_vectors < 1:
             raise UserError(f"Recipe key 'textual_inversion.num_vectors' is {cfg.num_vectors}; it must be at least 1.")
+        if "a1111_pt" in recipe.output.formats and len(model.text_encoders) > 1:
+            raise UserError(
+                f"Recipe key 'output.formats' has a1111_pt, AUTOMATIC1111's pickle of one text encoder's vectors; this {model.family.title} "
+                "model has several text encoders, whose embeddings are written as safetensors. Use output.formats: [a1111] (or diffusers)."
+            )
         self.tokens = placeholder_tokens(cfg.placeholder, cfg.num_vectors)
-        vocabulary = model.tokenizer.get_vocab()
-        for token in self.tokens:
-            _check_new_word(model.tokenizer, vocabulary, token, cfg.placeholder)
-        self.initializer_ids = _initializer_ids(model.tokenizer, cfg.initializer, cfg.num_vectors)
+        # Per text encoder: every encoder learns its own vectors for the same new tokens.
+        self.initializer_ids = {}
+        for te in model.text_encoders:
+            vocabulary = te.tokenizer.get_vocab()
+            for token in self.tokens:
+                _check_new_word(te.tokenizer, vocabulary, token, cfg.placeholder)
+            self.initializer_ids[te.component] = _initializer_ids(te.tokenizer, cfg.initializer, cfg.num_vectors)
         self.templates = _templates(cfg)
         # What the placeholder becomes in a caption: all of its tokens.
         self.prompt_words = " ".join(self.tokens)
         self.placeholder_pattern = re.compile(rf"(?<!\w){re.escape(cfg.placeholder)}(?!\w)", re.IGNORECASE)
-        self.embedding: AddedTokenEmbedding | None = None
+        self.embeddings: dict[str, AddedTokenEmbedding] = {}
+
+    @classmethod
+    def text_encoder_training_key(cls, recipe) -> str | None:
+        return "method: textual_inversion (it trains the new words' embeddings)"
 
     # --- captions -------------------------------------------------------------------------------
     def prepare_data(self, data, device: torch.device):
@@ -160,39 +172,42 @@ class TextualInversionMethod(TrainingMethod):
 
     # --- which parameters train -----------------------------------------------------------------
     def setup(self) -> None:
-        model = self.model
-        for part in (model.unet, model.vae, model.text_encoder):
+        for part in self.model.parts().values():
             part.requires_grad_(False)
-        original = model.text_encoder.get_input_embeddings()
-        model.tokenizer.add_tokens(self.tokens)
-        ids = model.tokenizer.convert_tokens_to_ids(self.tokens)
-        if ids != list(range(ids[0], ids[0] + len(ids))):
-            raise RuntimeError(f"the tokenizer gave the new tokens {self.tokens} non-consecutive ids {ids}")
-        initial = original.weight.detach()[self.initializer_ids].float().clone()
-        self.embedding = AddedTokenEmbedding(original, ids[0], initial)
-        model.text_encoder.set_input_embeddings(self.embedding)
+        for te in self.model.text_encoders:
+            original = te.model.get_input_embeddings()
+            te.tokenizer.add_tokens(self.tokens)
+            ids = te.tokenizer.convert_tokens_to_ids(self.tokens)
+            if ids != list(range(ids[0], ids[0] + len(ids))):
+                raise RuntimeError(f"the tokenizer gave the new tokens {self.tokens} non-consecutive ids {ids}")
+            initial = original.weight.detach()[self.initializer_ids[te.component]].float().clone()
+            self.embeddings[te.component] = AddedTokenEmbedding(original, ids[0], initial)
+            te.model.set_input_embeddings(self.embeddings[te.component])
 
-    def trained_vectors(self) -> torch.Tensor:
-        """The placeholder's vectors, ``[num_vectors, dim]`` float32."""
-        return self.embedding.added.weight.detach().float().cpu()
+    def trained_vectors(self) -> dict[str, torch.Tensor]:
+        """The placeholder's vectors per text encoder (by its key, e.g. ``clip_l``), ``[num_vectors, dim]`` float32."""
+        return {te.spec.key: self.embeddings[te.component].added.weight.detach().float().cpu() for te in self.model.text_encoders}
 
     # --- how the artifact is written ------------------------------------------------------------
     def export(self, context: ExportContext) -> list[Path]:
         recipe, placeholder = self.recipe, self.recipe.textual_inversion.placeholder
         formats = recipe.output.formats
-        vectors = self.trained_vectors().to(DTYPES[recipe.output.save_dtype])
+        vectors = {key: value.to(DTYPES[recipe.output.save_dtype]) for key, value in self.trained_vectors().items()}
         metadata = ti_format.embedding_metadata(recipe, self.model, context)
         # The UIs take the prompt word from the file name: every file is named after the placeholder.
         paths = []
         if "a1111" in formats:
             paths.append(ti_format.save_a1111_safetensors(context.output_dir / f"{placeholder}.safetensors", vectors, metadata))
         if "a1111_pt" in formats:
+            (single,) = vectors.values()
             paths.append(
-                ti_format.save_a1111_pt(context.output_dir / f"{placeholder}.pt", vectors, name=placeholder, step=context.step, sd_checkpoint_name=self.model.name)
+                ti_format.save_a1111_pt(context.output_dir / f"{placeholder}.pt", single, name=placeholder, step=context.step, sd_checkpoint_name=self.model.name)
             )
         if "diffusers" in formats:
-            path = context.output_dir / f"{placeholder}_diffusers" / ti_format.DIFFUSERS_FILE_NAME
-            paths.append(ti_format.save_diffusers(path, placeholder, vectors, metadata))
+            folder = context.output_dir / f"{placeholder}_diffusers"
+            for te in self.model.text_encoders:
+                path = folder / ti_format.diffusers_file_name(te.component)
+                paths.append(ti_format.save_diffusers(path, placeholder, vectors[te.spec.key], metadata))
         return paths
 
 

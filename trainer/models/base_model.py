@@ -1,0 +1,110 @@
+"""``BaseModel``: the model a run trains on, its parts by role, and the few calls every method makes.
+
+The parts are diffusers/transformers modules (UNet, VAE, one or more CLIP text encoders with their
+tokenizers, the training noise scheduler); ``family`` is the model family that knows how they fit
+together (trainer/families). Methods use the calls here - ``encode_text``, ``predict``,
+``encode_latents``, ``objective`` - and never ask which family they run on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from trainer.diffusion import DDPMObjective
+from trainer.formats import kohya_lora
+from trainer.models.conditioning import ImageGeometry, TextConditioning
+from trainer.models.text import TextEncoderSpec
+
+
+@dataclass
+class TextEncoder:
+    """One of the model's text encoders, with its tokenizer and the family's description of it."""
+
+    spec: TextEncoderSpec
+    tokenizer: object  # transformers CLIPTokenizer
+    model: nn.Module
+
+    @property
+    def component(self) -> str:
+        return self.spec.component
+
+
+@dataclass
+class BaseModel:
+    family: object  # trainer.families.base.ModelFamily
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[TextEncoder]
+    noise_scheduler: DDPMScheduler
+    # What model.base said, and a short name for metadata (file or folder name).
+    source: str
+    name: str
+    # Keep the VAE in fp32 under fp16/bf16 mixed precision (model.vae_fp32).
+    vae_fp32: bool = False
+
+    # --- parts ------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        """Every module by its diffusers component name: unet, vae, text_encoder[, text_encoder_2]."""
+        return {"unet": self.unet, "vae": self.vae, **{te.component: te.model for te in self.text_encoders}}
+
+    def text_encoder_modules(self) -> dict[str, nn.Module]:
+        return {te.component: te.model for te in self.text_encoders}
+
+    def text_encoder(self, component: str) -> TextEncoder:
+        return next(te for te in self.text_encoders if te.component == component)
+
+    def kohya_name(self, component: str, module_path: str) -> str:
+        """The name kohya, AUTOMATIC1111 and ComfyUI give a module of ``component`` in adapter files."""
+        if component == "unet":
+            return kohya_lora.kohya_name(kohya_lora.UNET_PREFIX, self.family.foreign_unet_path(self.unet.config, module_path))
+        return kohya_lora.kohya_name(self.text_encoder(component).spec.kohya_prefix, kohya_lora.text_encoder_path(module_path))
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def objective(self) -> DDPMObjective:
+        return DDPMObjective(self.noise_scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image size the UNet was configured for."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    # --- the calls methods make ------------------------------------------------------------------
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's mean latents of ``pixels`` ([-1, 1]), scaled (and shifted) as the UNet expects them."""
+        return self.scale_latents(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents - self._latent_shift) * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from latents scaled as the UNet sees them, decoded in the VAE's precision."""
+        unscaled = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor + self._latent_shift
+        return self.vae.decode(unscaled).sample
+
+    @property
+    def _latent_shift(self) -> float:
+        return getattr(self.vae.config, "shift_factor", None) or 0.0
+
+    def encode_text(self, captions: list[str], clip_skip: int = 1, max_token_length: int = 75) -> TextConditioning:
+        return self.family.encode_text(self, captions, clip_skip, max_token_length)
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning, geometry: list[ImageGeometry]) -> torch.Tensor:
+        """The denoiser's prediction (noise or velocity) for ``noisy`` latents."""
+        text = text.to(noisy.device)
+        return self.unet(noisy, timesteps, **self.family.unet_inputs(text, geometry, noisy)).sample
+
+    def pipeline(self, scheduler=None):
+        """A diffusers pipeline over these parts (for sampling and saving); DDIM sampling by default."""
+        return self.family.pipeline(self, scheduler)
