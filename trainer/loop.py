@@ -23,6 +23,7 @@ from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
 from trainer.models.loading import load_recipe_model, locate_base
+from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml
 
@@ -66,8 +67,13 @@ def _check_recipe(recipe: Recipe) -> None:
         raise UserError("Recipe key 'sample.every_steps' is set but 'sample.prompts' is empty. Add prompts or set sample.every_steps=0.")
 
 
-def _check_sizes(recipe: Recipe, model) -> None:
-    """Image sides must pass through the VAE and every UNet downsampling whole."""
+def _check_fits_model(recipe: Recipe, model) -> None:
+    """Settings only the loaded model can check: image sides must pass through the VAE and every UNet
+    downsampling whole; model.clip_skip must leave a layer of every text encoder."""
+    for te in model.text_encoders:
+        problem = check_clip_skip(te.spec, te.model, recipe.model.clip_skip)
+        if problem:
+            raise UserError(f"Recipe key 'model.clip_skip' is {recipe.model.clip_skip}, but {problem}.")
     multiple = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
     data = recipe.data
     for key, value in (("data.resolution", data.resolution), ("data.buckets.step", data.buckets.step if data.buckets.enabled else multiple)):
@@ -143,7 +149,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
     model = load_recipe_model(recipe.model, source)
-    _check_sizes(recipe, model)
+    _check_fits_model(recipe, model)
     method = method_cls(recipe, model)
     device = accelerator.device
     data = method.prepare_data(data, device)

@@ -42,14 +42,25 @@ def sampling_pipeline(model: BaseModel, device: torch.device):
     return pipe.to(device)
 
 
-def draw(model: BaseModel, pipe, prompts: list[str], **call) -> list:
-    """The pipeline's PIL images for ``prompts``, decoded by the model's VAE in the VAE's own precision.
+def draw(model: BaseModel, pipe, prompts: list[str], negative_prompt: str, clip_skip: int, max_token_length: int, **call) -> list:
+    """The pipeline's PIL images for ``prompts``, conditioned and decoded as training sees the model.
 
-    Pipelines decode in the UNet's precision; a VAE kept in fp32 under mixed precision (model.vae_fp32)
-    needs its latents in fp32, so the pipeline stops at the latents and the decoding happens here.
+    The prompts are encoded by the model family as training encodes captions (clip skip, long prompts,
+    every text encoder) and given to the pipeline as embeddings: the pipelines' own clip skip reaches
+    for ``text_encoder.text_model``, which transformers 5's ``CLIPTextModel`` no longer has, and knows
+    no long prompts. Clip skip applies to the negative prompt too, as in AUTOMATIC1111 and kohya's
+    samples. Pipelines decode in the UNet's precision; a VAE kept in fp32 under mixed precision
+    (model.vae_fp32) needs its latents in fp32, so the pipeline stops at the latents and the VAE
+    decodes here.
     """
-    latents = pipe(prompts, output_type="latent", **call).images
-    return pipe.image_processor.postprocess(model.decode_latents(latents), output_type="pil")
+    # Each multi-vector Textual Inversion word expanded to all its tokens, as the pipeline would.
+    def expand(texts: list[str]) -> list[str]:
+        return pipe.maybe_convert_prompt(texts, model.text_encoders[0].tokenizer)
+
+    with torch.no_grad():
+        inputs = model.family.sampling_inputs(model, expand(prompts), expand([negative_prompt] * len(prompts)), clip_skip, max_token_length)
+        latents = pipe(**inputs, output_type="latent", **call).images
+        return pipe.image_processor.postprocess(model.decode_latents(latents), output_type="pil")
 
 
 def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, device: torch.device) -> list[Path]:
@@ -69,13 +80,14 @@ def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, 
                 model,
                 pipe,
                 [prompt],
-                negative_prompt=[cfg.negative_prompt] if cfg.negative_prompt else None,
+                cfg.negative_prompt,
+                recipe.model.clip_skip,
+                recipe.data.max_token_length,
                 width=width,
                 height=height,
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale,
                 generator=generator,
-                clip_skip=recipe.model.clip_skip - 1 or None,
             )[0]
             path = save_png_with_settings(
                 directory / f"step-{step:08d}-{index:02d}.png", image, prompt=prompt, negative_prompt=cfg.negative_prompt,

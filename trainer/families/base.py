@@ -9,7 +9,7 @@ the single-file layout) and its methods do what differs between families:
    trainer/formats/ldm_checkpoint.py) or a packaged configuration; a diffusers pipeline over the parts.
 3. **Text conditioning**: ``encode_text`` (the encoders' chosen layers, pooled output, long prompts;
    trainer/models/text.py) and ``unet_inputs`` (what the UNet takes besides the latents).
-4. **Defaults**: resolution, bucket step, VAE precision.
+4. **Objective and defaults**: the training objective (DDPM's noise and targets), resolution, VAE precision.
 5. **Foreign names**: kohya's adapter module names, ModelSpec architecture, kohya's base-model version.
 
 The defaults here are the SD1/SD2 behaviour; families override what differs. Everything is keyed by
@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 
+from trainer.diffusion import DDPMObjective
 from trainer.models.conditioning import ImageGeometry, TextConditioning
 from trainer.models.text import TextEncoderSpec, encode
 
@@ -51,6 +52,8 @@ class ModelFamily:
     default_bucket_step: ClassVar[int] = 64
     # Keep the VAE in fp32 under fp16/bf16 mixed precision unless model.vae_fp32 says otherwise.
     vae_fp32_by_default: ClassVar[bool] = False
+    # Sampling: an empty negative prompt is no conditioning at all (zeros), as SDXL's UIs and pipeline do.
+    zero_empty_negative: ClassVar[bool] = False
     # Built-in bases: model.base name -> "module:function" returning the parts (a dict) or a diffusers folder.
     builtin_bases: ClassVar[dict[str, str]] = {}
 
@@ -104,6 +107,10 @@ class ModelFamily:
         """Extra ``from_pretrained`` arguments for this family's pipeline folders."""
         return {}
 
+    def objective(self, noise_scheduler) -> DDPMObjective:
+        """The training objective over the model's noise scheduler (a flow-matching family brings its own)."""
+        return DDPMObjective(noise_scheduler)
+
     def guess_prediction_type(self, state_dict) -> str | None:
         """What a single file's weights suggest it predicts, when its metadata says nothing."""
         return None
@@ -133,6 +140,19 @@ class ModelFamily:
     def unet_inputs(self, text: TextConditioning, geometry: list[ImageGeometry], latents: torch.Tensor) -> dict:
         """The UNet's keyword arguments besides the noisy latents and the timesteps."""
         return {"encoder_hidden_states": text.hidden_states}
+
+    def sampling_inputs(self, model, prompts: list[str], negative_prompts: list[str], clip_skip: int, max_token_length: int) -> dict:
+        """The pipeline's prompt arguments, encoded as training encodes captions (clip skip, long prompts)."""
+        positive = self.encode_text(model, prompts, clip_skip, max_token_length)
+        if self.zero_empty_negative and not any(negative_prompts):
+            pooled = None if positive.pooled is None else torch.zeros_like(positive.pooled)
+            negative = TextConditioning(torch.zeros_like(positive.hidden_states), pooled)
+        else:
+            negative = self.encode_text(model, negative_prompts, clip_skip, max_token_length)
+        return self.pipeline_prompt_inputs(positive, negative)
+
+    def pipeline_prompt_inputs(self, positive: TextConditioning, negative: TextConditioning) -> dict:
+        return {"prompt_embeds": positive.hidden_states, "negative_prompt_embeds": negative.hidden_states}
 
 
 def sampling_scheduler(noise_scheduler_config):

@@ -40,6 +40,7 @@ class StableDiffusionXL(ModelFamily):
     bucket_step_multiple = 32
     default_bucket_step = 64
     vae_fp32_by_default = True
+    zero_empty_negative = True
     builtin_bases = {"tiny-sdxl": "trainer.models.tiny:tiny_sdxl_components"}
     adapter_implementation = SGM_IMPLEMENTATION
 
@@ -62,6 +63,12 @@ class StableDiffusionXL(ModelFamily):
 
     def folder_loading_extras(self) -> dict:
         return {"add_watermarker": False}
+
+    def pipeline_prompt_inputs(self, positive: TextConditioning, negative: TextConditioning) -> dict:
+        return {
+            "prompt_embeds": positive.hidden_states, "pooled_prompt_embeds": positive.pooled,
+            "negative_prompt_embeds": negative.hidden_states, "negative_pooled_prompt_embeds": negative.pooled,
+        }
 
     def unet_inputs(self, text: TextConditioning, geometry: list[ImageGeometry], latents: torch.Tensor) -> dict:
         if text.pooled is None:

@@ -69,7 +69,8 @@ class BaseModel:
 
     @property
     def objective(self) -> DDPMObjective:
-        return DDPMObjective(self.noise_scheduler)
+        """Noise, timesteps, targets and loss weighting of the family's training objective."""
+        return self.family.objective(self.noise_scheduler)
 
     @property
     def vae_scale_factor(self) -> int:

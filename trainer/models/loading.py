@@ -204,7 +204,11 @@ def training_scheduler(scheduler_config) -> DDPMScheduler:
 def _folder_parts(source: BaseSource) -> dict:
     family = source.family
     try:
-        pipe = family.pipeline_class().from_pretrained(str(source.path), local_files_only=True, **family.folder_loading_extras())
+        # float32 throughout, whatever the files hold (folders saved in fp16 mix dtypes when loaded plainly);
+        # training casts the frozen parts to the compute precision itself.
+        pipe = family.pipeline_class().from_pretrained(
+            str(source.path), local_files_only=True, torch_dtype=torch.float32, **family.folder_loading_extras()
+        )
     except Exception as err:  # diffusers raises many types for a broken folder
         raise UserError(f"model.base '{source.base}' could not be loaded as a {family.pipeline_class_name} folder: {err}. Check that the folder is complete.") from err
     parts = {name: component for name, component in pipe.components.items() if component is not None}

@@ -42,7 +42,8 @@ class ClassImageRequest:
     guidance_scale: float
     seed: int
     batch_size: int
-    clip_skip: int  # as model.clip_skip counts: 1 = last layer
+    clip_skip: int  # as model.clip_skip counts: 1 = the family's own layer
+    max_token_length: int  # data.max_token_length
 
 
 def image_name(index: int) -> str:
@@ -119,14 +120,15 @@ def generate_class_images(model: BaseModel, request: ClassImageRequest, indices:
                 model,
                 pipe,
                 [request.prompt] * len(chunk),
-                negative_prompt=[request.negative_prompt] * len(chunk) if request.negative_prompt else None,
+                request.negative_prompt,
+                request.clip_skip,
+                request.max_token_length,
                 width=request.width,
                 height=request.height,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 # One generator per image: its picture depends on its own seed, not on the batch it is drawn in.
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-                clip_skip=request.clip_skip - 1 or None,
             )
             for index, seed, image in zip(chunk, seeds, images, strict=True):
                 paths.append(

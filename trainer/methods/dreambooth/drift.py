@@ -105,7 +105,7 @@ def measure(recipe_path: Path, overrides: list[str], root: Path, instance_prompt
     held_out = ClassImageRequest(
         directory=root / "eval_class_images", count=EVAL_IMAGES, prompt=cfg.class_prompt, negative_prompt=cfg.class_negative_prompt,
         width=resolution, height=resolution, steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale,
-        seed=EVAL_SEED, batch_size=cfg.class_batch_size, clip_skip=clip_skip,
+        seed=EVAL_SEED, batch_size=cfg.class_batch_size, clip_skip=clip_skip, max_token_length=recipe.data.max_token_length,
     )
     ensure_class_images(base, held_out, torch.device("cpu"))
     latents = encode_images(base, held_out.directory, resolution)

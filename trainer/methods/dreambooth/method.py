@@ -102,6 +102,7 @@ class DreamBoothMethod(TrainingMethod):
             seed=cfg.class_seed,
             batch_size=cfg.class_batch_size,
             clip_skip=recipe.model.clip_skip,
+            max_token_length=recipe.data.max_token_length,
         )
 
     def prepare_data(self, data, device: torch.device):
