@@ -179,11 +179,15 @@ def load_base_model(base: str, config: str | None = None, prediction_type: str =
     )
 
 
-def save_diffusers_folder(model: BaseModel, directory: Path) -> None:
-    """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
+def save_diffusers_folder(model: BaseModel, directory: Path, replace: bool = False) -> None:
+    """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically.
+
+    ``replace=True`` only for a folder sdtrain owns (a run's export, its cache); otherwise ``directory``
+    is the user's destination and must not exist or be empty (see ``trainer.atomic.new_directory``).
+    """
     from diffusers import StableDiffusionPipeline
 
-    from trainer.atomic import staged_directory
+    from trainer.atomic import new_directory, replaced_directory
     from trainer.sampling import sampling_scheduler
 
     pipe = StableDiffusionPipeline(
@@ -196,7 +200,7 @@ def save_diffusers_folder(model: BaseModel, directory: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    with staged_directory(directory) as tmp:
+    with (replaced_directory if replace else new_directory)(directory) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
 
 

@@ -209,6 +209,6 @@ class DreamBoothMethod(TrainingMethod):
             ))
         if "diffusers" in recipe.output.formats:
             directory = context.output_dir / f"{context.name}_diffusers"
-            save_diffusers_folder(model, directory)
+            save_diffusers_folder(model, directory, replace=True)
             paths.append(directory)
         return paths

@@ -16,7 +16,7 @@ from peft import get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from trainer.atomic import staged_directory
+from trainer.atomic import replaced_directory
 from trainer.formats import kohya_lora
 from trainer.formats.kohya_metadata import network_metadata
 from trainer.formats.safetensors_file import DTYPES, save_safetensors
@@ -104,6 +104,6 @@ class LoraMethod(TrainingMethod):
             if lora_layers(part):
                 layers[part_name] = {k: v.to(dtype) for k, v in get_peft_model_state_dict(part).items()}
         directory = context.output_dir / f"{context.name}_diffusers"
-        with staged_directory(directory) as tmp:
+        with replaced_directory(directory) as tmp:
             StableDiffusionPipeline.save_lora_weights(tmp, safe_serialization=True, **layers)
         return directory
