@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from trainer import diffusion
 from trainer.atomic import write_text
-from trainer.checkpoint import Progress, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
@@ -25,6 +25,8 @@ from trainer.methods.base import ExportContext
 from trainer.models.loading import load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml
+from trainer.resume import check_resume, flatten
+from trainer.run_folder import check_output_name, earlier_run, move_aside, refuse_earlier_run
 
 
 class TrainingDiverged(UserError):
@@ -90,7 +92,36 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     return trainable
 
 
-def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
+    later = [path.name for found, path in complete_checkpoints(output_dir) if found > step]
+    if later:
+        print(
+            f"note: resuming from step {step} while later checkpoints exist ({', '.join(later)}); this run replaces each "
+            "when it reaches its step, and until then --resume latest would pick them."
+        )
+
+
+def _data_changed(checkpoint, data, allow_data_change: bool) -> None:
+    """The data as the method trains on it (e.g. with DreamBooth's class images) against the checkpoint's."""
+    if checkpoint.state["data_fingerprint"] == data.fingerprint:
+        return
+    step = checkpoint.progress.step
+    if not allow_data_change:
+        raise UserError(
+            f"The training data changed since '{checkpoint.path}' was written (images, captions, class images or how they "
+            "are read), so resuming would not continue the same run. Restore the data, or pass --allow-data-change to "
+            f"continue on the changed data (steps after {step} then train on it)."
+        )
+    print(f"warning: the training data changed since the checkpoint; steps after {step} train on the new data, so the result will differ from an uninterrupted run.")
+
+
+def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False) -> TrainResult:
+    """Train ``recipe``; ``resume`` continues a checkpoint ('latest' or a folder).
+
+    Without ``resume`` an earlier run in output.dir is refused, or with ``overwrite`` moved aside
+    (trainer.run_folder). With it, recipe changes are checked against the checkpoint's (trainer.resume);
+    ``allow_data_change`` lets a resume continue on changed data.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -99,14 +130,27 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     _check_recipe(recipe)
     cfg = recipe.train
     output_dir = Path(recipe.output.dir)
+    check_output_name(output_dir, recipe.output.name)
     method_cls = method_class(recipe.method)
+    recipe_dict = recipe_to_dict(recipe)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in output.dir and --overwrite moves it aside: pass one of them.")
+    earlier = [] if resume else earlier_run(output_dir, recipe_dict)
+    if earlier and not overwrite:
+        raise refuse_earlier_run(output_dir, earlier)
     checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
-    if checkpoint and checkpoint.state["method"] != recipe.method:
-        raise UserError(f"Checkpoint '{checkpoint.path}' was made by method '{checkpoint.state['method']}', the recipe says '{recipe.method}'. Resume with the same method.")
 
     data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
         print(f"warning: {warning}")
+    source_fingerprint = data.fingerprint
+    data_change_reported = False
+    if checkpoint:
+        resume_check = check_resume(checkpoint, recipe_dict, source_fingerprint, allow_data_change)
+        for warning in resume_check.warnings:
+            print(f"warning: {warning}")
+        data_change_reported = resume_check.data_changed is True
+        _announce_later_checkpoints(output_dir, checkpoint.progress.step)
 
     mixed_precision = _mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
@@ -121,8 +165,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     method = method_cls(recipe, model)
     device = accelerator.device
     data = method.prepare_data(data, device)
-    if checkpoint and checkpoint.state["data_fingerprint"] != data.fingerprint:
-        print("warning: the data changed since the checkpoint was written; the resumed run will not match an uninterrupted one.")
+    if checkpoint and not data_change_reported:
+        _data_changed(checkpoint, data, allow_data_change)
     method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
     optimizer = build_optimizer(method.param_groups(), cfg)
@@ -151,11 +195,12 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         with torch.no_grad():
             return model.vae.encode(pixels.to(device, weight_dtype)).latent_dist.mean * scaling
 
+    if earlier:
+        print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
-    recipe_dict = recipe_to_dict(recipe)
     if recipe.output.tensorboard:
-        accelerator.init_trackers("sdtrain", config={k: v for k, v in _flat(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
@@ -165,7 +210,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     started = step_started = time.perf_counter()
 
     def save() -> None:
-        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, cfg.keep_checkpoints)
+        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints)
         result.checkpoints.append(path)
 
     def sample() -> None:
@@ -237,13 +282,3 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     for path in result.artifacts:
         print(f"Wrote {path}")
     return result
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -143,7 +143,8 @@ def toyworld_bench(
         log(f"training {run.name}")
         recipe = _load(run.recipe, run.overrides)
         started = time.perf_counter()
-        train(recipe, show_progress=False)
+        # A bench run again into the same --out replaces its runs; the earlier ones are moved aside, not deleted.
+        train(recipe, show_progress=False, overwrite=True)
         trained = time.perf_counter()
         report = evaluate_concept(recipe.output.dir, settings=settings, base_samples=base_samples)
         results.append(BenchResult(run, recipe.method, recipe.train.max_steps, trained - started, time.perf_counter() - trained, report))
