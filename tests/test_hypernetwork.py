@@ -327,15 +327,16 @@ def test_initialisation_is_seeded_by_train_seed_alone(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("layer_structure", "[2,1]", r"hypernetwork\.layer_structure is \[2\.0, 1\.0\]; it must start and end with 1"),
-        ("activation", "prelu", r"hypernetwork\.activation is 'prelu'"),
-        ("dropout_structure", "[0,0.3]", r"hypernetwork\.dropout_structure is \[0\.0, 0\.3\]; it needs one probability per"),
-        ("weight_init", "Uniform", r"hypernetwork\.weight_init is 'Uniform'; use one of Normal"),
+        ("layer_structure", "[2,1]", r"'hypernetwork\.layer_structure' is \[2\.0, 1\.0\]; it must start and end with 1"),
+        ("activation", "prelu", r"'hypernetwork\.activation' is 'prelu'"),
+        ("dropout_structure", "[0,0.3]", r"'hypernetwork\.dropout_structure' is \[0\.0, 0\.3\]; it needs one probability per"),
+        ("weight_init", "Uniform", r"'hypernetwork\.weight_init' is 'Uniform'; use one of Normal"),
     ],
 )
-def test_bad_structure_is_named_by_its_recipe_key(tiny, tmp_path, key, value, message):
+def test_bad_structure_is_named_by_its_recipe_key(tmp_path, key, value, message):
+    # Refused when the recipe is read, before any model is loaded.
     with pytest.raises(UserError, match=message):
-        HypernetworkMethod(_recipe(tmp_path, {key: value}), tiny).setup()
+        _recipe(tmp_path, {key: value})
 
 
 # --- training ---------------------------------------------------------------------------------------

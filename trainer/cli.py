@@ -34,9 +34,13 @@ def _base(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.data.inspect import inspect_report
+    from trainer.data.inspect import inspect_data
 
-    print(inspect_report(args.target, resolution=args.resolution))
+    inspection = inspect_data(args.target, resolution=args.resolution)
+    # Flushed: the refusal goes to stderr and must come after the whole report, also when both are piped.
+    print(inspection.report, flush=True)
+    if inspection.refusal:
+        raise UserError(inspection.refusal)
     return 0
 
 

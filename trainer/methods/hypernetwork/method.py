@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
 from trainer.formats.a1111_hypernetwork import HypernetworkFile, a1111_info, write_hypernetwork
 from trainer.formats.safetensors_file import DTYPES
 from trainer.methods.base import ExportContext, TrainingMethod
+from trainer.methods.hypernetwork.config import structure as hypernetwork_structure
 from trainer.methods.hypernetwork.module import COMFYUI_ACTIVATIONS, Hypernetwork, Structure, attach, cross_attention_widths
 
 SUFFIXES = {"a1111": ".pt", "safetensors": ".safetensors"}
@@ -45,19 +45,10 @@ class HypernetworkMethod(TrainingMethod):
         cfg, model = self.recipe.hypernetwork, self.model
         for part in (model.unet, model.vae, model.text_encoder):
             part.requires_grad_(False)
-        try:
-            structure = Structure(
-                layer_structure=tuple(cfg.layer_structure),
-                activation=cfg.activation,
-                layer_norm=cfg.layer_norm,
-                activate_output=cfg.activate_output,
-                dropout_structure=tuple(cfg.dropout_structure) if cfg.dropout_structure is not None else None,
-            )
-            self.hypernetwork = Hypernetwork(cross_attention_widths(model.unet), structure)
-            # Its own generator seeded by train.seed: the same start whatever drew random numbers before.
-            self.hypernetwork.initialise(cfg.weight_init, torch.Generator().manual_seed(self.recipe.train.seed))
-        except ValueError as err:
-            raise UserError(f"Recipe key hypernetwork.{err}") from None
+        structure = hypernetwork_structure(cfg)
+        self.hypernetwork = Hypernetwork(cross_attention_widths(model.unet), structure)
+        # Its own generator seeded by train.seed: the same start whatever drew random numbers before.
+        self.hypernetwork.initialise(cfg.weight_init, torch.Generator().manual_seed(self.recipe.train.seed))
         self.hypernetwork.set_strength(cfg.sample_strength)
         attach(model.unet, self.hypernetwork)
         for difference in comfyui_differences(structure):
