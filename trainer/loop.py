@@ -26,7 +26,7 @@ from trainer.models.loading import load_base_model
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml, validate_recipe
 from trainer.resume import check_resume, flatten
-from trainer.run_folder import check_output_name, earlier_run, move_aside, refuse_earlier_run
+from trainer.run_folder import earlier_run, move_aside, refuse_earlier_run
 
 
 class TrainingDiverged(UserError):
@@ -124,7 +124,6 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     cfg = recipe.train
     mixed_precision = _mixed_precision(cfg.mixed_precision)
     output_dir = Path(recipe.output.dir)
-    check_output_name(output_dir, recipe.output.name)
     method_cls = method_class(recipe.method)
     recipe_dict = recipe_to_dict(recipe)
     if resume and overwrite:

@@ -337,14 +337,14 @@ def _output_problems(cfg: OutputConfig) -> list[str]:
 
     return broken("output", cfg, [
         ("dir", bool(cfg.dir.strip()), "set it to the folder for the run's files, e.g. output/sls_frog."),
-        ("name", _is_plain_file_name(cfg.name),
+        ("name", is_plain_file_name(cfg.name),
          "it names the artifact files ({output.dir}/{output.name}.safetensors), so it must be a plain file name: not empty, "
          "no / or \\, not . or .., no leading dot, none of <>:\"|?* and no control characters. Use e.g. 'sls_frog'."),
         ("save_dtype", cfg.save_dtype in DTYPES, one_of(cfg.save_dtype, DTYPES)),
     ])
 
 
-def _is_plain_file_name(name: str) -> bool:
+def is_plain_file_name(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(char in _NOT_IN_FILE_NAMES or ord(char) < 32 or ord(char) == 127 for char in name)
 
 

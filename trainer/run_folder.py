@@ -22,16 +22,10 @@ import yaml
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.errors import UserError
+from trainer.recipe import is_plain_file_name
 
 RUN_ENTRIES = ("recipe.yaml", "checkpoints", "logs", "samples", "concept_eval")
 ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-
-
-def check_output_name(output_dir: Path, name: str) -> None:
-    """Files named after ``output.name`` must land in ``output.dir`` itself, never beside or above it."""
-    folder = os.path.abspath(output_dir)
-    if not name or os.path.dirname(os.path.normpath(os.path.join(folder, name))) != folder:
-        raise UserError(f"Recipe key 'output.name' is '{name}'; it must be a plain file name, e.g. 'sls_frog'. Put folders into output.dir.")
 
 
 def _artifact_stems(recipe: dict) -> set[str]:
@@ -41,7 +35,7 @@ def _artifact_stems(recipe: dict) -> set[str]:
     if recipe.get("method") == "textual_inversion":
         stems.add(recipe.get("textual_inversion", {}).get("placeholder"))
     # Only plain names: a path-like name must not let a check or a move reach outside the folder.
-    return {stem for stem in stems if isinstance(stem, str) and stem and Path(stem).name == stem and stem != ".."}
+    return {stem for stem in stems if isinstance(stem, str) and is_plain_file_name(stem)}
 
 
 def _recorded_recipe(output_dir: Path) -> dict:
