@@ -33,3 +33,12 @@ def fast_overrides(output_dir: Path, **extra) -> list[str]:
 @pytest.fixture
 def lora_recipe_path() -> Path:
     return REPO / "recipes" / "sls_frog_lora.yaml"
+
+
+def draw(pipe, prompt: str = "sls frog"):
+    """One 64 px image (numpy) from a diffusers pipeline in 3 steps with a fixed seed: every part of the pipeline runs."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]

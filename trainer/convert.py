@@ -22,6 +22,9 @@ SINGLE_FILE_SUFFIX = ".safetensors"
 def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None = None) -> Path:
     """Write the model at ``src`` to ``dst`` with floating-point weights in ``dtype`` (fp32, fp16, bf16).
 
+    A diffusers folder keeps float32 main files whatever ``dtype`` says, so that a plain ``from_pretrained``
+    works, and holds fp16/bf16 as the diffusers variant of that name beside them (docs/formats.md).
+
     ``config``: for a single-file ``src`` that is not SD1.5/SD2.1-shaped, a diffusers folder whose
     configs describe it. Returns ``dst``. Refuses to overwrite anything.
     """
@@ -44,7 +47,5 @@ def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None 
             dst, model.unet, model.vae, model.text_encoder, is_v2=model.is_v2,
             prediction_type=model.noise_scheduler.config.prediction_type, dtype=DTYPES[dtype], title=dst.stem,
         )
-    for part in (model.unet, model.vae, model.text_encoder):
-        part.to(DTYPES[dtype])
-    save_diffusers_folder(model, dst)
+    save_diffusers_folder(model, dst, dtype)
     return dst

@@ -179,29 +179,54 @@ def load_base_model(base: str, config: str | None = None, prediction_type: str =
     )
 
 
-def save_diffusers_folder(model: BaseModel, directory: Path, replace: bool = False) -> None:
+def _as_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` itself when it already holds ``dtype``, else a copy cast to it (the caller's model stays as it is)."""
+    import copy
+
+    if all(tensor.dtype == dtype for tensor in module.state_dict().values() if tensor.is_floating_point()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+def save_diffusers_folder(model: BaseModel, directory: Path, save_dtype: str = "fp32", replace: bool = False) -> None:
     """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically.
 
     ``replace=True`` only for a folder sdtrain owns (a run's export, its cache); otherwise ``directory``
     is the user's destination and must not exist or be empty (see ``trainer.atomic.new_directory``).
+
+    The main weight files are always float32, as in diffusers' own model folders: a plain
+    ``from_pretrained(directory)`` then gives every part in float32 whatever the library versions
+    (transformers 5 keeps a text encoder in the dtype its config names, diffusers upcasts its own models,
+    and a half text encoder beside a float32 UNet fails on the first prompt). A ``save_dtype`` of fp16 or
+    bf16 adds the weights in that dtype as the diffusers variant of that name (``*.fp16.safetensors``),
+    loaded with ``from_pretrained(directory, variant="fp16", torch_dtype=torch.float16)``; see docs/formats.md.
     """
     from diffusers import StableDiffusionPipeline
 
     from trainer.atomic import new_directory, replaced_directory
+    from trainer.formats.safetensors_file import DTYPES
     from trainer.sampling import sampling_scheduler
 
-    pipe = StableDiffusionPipeline(
-        unet=model.unet,
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        scheduler=sampling_scheduler(model.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = sampling_scheduler(model.noise_scheduler.config)
+
+    def pipeline(dtype: torch.dtype) -> StableDiffusionPipeline:
+        return StableDiffusionPipeline(
+            unet=_as_dtype(model.unet, dtype),
+            vae=_as_dtype(model.vae, dtype),
+            text_encoder=_as_dtype(model.text_encoder, dtype),
+            tokenizer=model.tokenizer,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
     with (replaced_directory if replace else new_directory)(directory) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        if save_dtype != "fp32":
+            pipeline(DTYPES[save_dtype]).save_pretrained(tmp, safe_serialization=True, variant=save_dtype)
+        # The float32 files go last: both saves write the same config files, and the text encoder's
+        # config.json names its dtype, which transformers loads the main files in.
+        pipeline(torch.float32).save_pretrained(tmp, safe_serialization=True)
 
 
 def torch_load_safely(path: Path, allow_unsafe_pickle: bool):

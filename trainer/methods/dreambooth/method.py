@@ -168,9 +168,12 @@ class DreamBoothMethod(TrainingMethod):
 
     # --- how the artifact is written ---------------------------------------------------------------
     def exported_model(self) -> BaseModel:
-        """A CPU copy of the model as it is shipped: the EMA weights if kept, in output.save_dtype."""
-        dtype = DTYPES[self.recipe.output.save_dtype]
-        parts = {name: copy.deepcopy(getattr(self.model, name)).to("cpu", dtype).eval() for name in ("unet", "vae", "text_encoder")}
+        """A float32 CPU copy of the model as it is shipped: the EMA weights if kept.
+
+        Float32 so that the diffusers folder's main files hold the trained weights unrounded; each file casts
+        to output.save_dtype itself.
+        """
+        parts = {name: copy.deepcopy(getattr(self.model, name)).to("cpu", torch.float32).eval() for name in ("unet", "vae", "text_encoder")}
         with torch.no_grad():
             for key, shadow in self._ema.items():
                 part, _, name = key.partition(".")
@@ -192,6 +195,6 @@ class DreamBoothMethod(TrainingMethod):
             ))
         if "diffusers" in recipe.output.formats:
             directory = context.output_dir / f"{context.name}_diffusers"
-            save_diffusers_folder(model, directory, replace=True)
+            save_diffusers_folder(model, directory, recipe.output.save_dtype, replace=True)
             paths.append(directory)
         return paths
