@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.atomic import write_text
+from trainer.examples import example_path
 from trainer.recipe import Recipe, load_recipe
 from trainer.toyworld import world
 from trainer.toyworld.evaluate import ConceptReport, EvalSettings, ModelScores, change_interval, draw_base_samples, evaluate_concept
 
-TOY_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
+TOY_RECIPES = example_path("recipes", "toy")
 INSTANCE_DIR = TOY_RECIPES / "sls_frog"
 DREAMBOOTH_RECIPE = TOY_RECIPES / "sls_frog_dreambooth.yaml"
 # Methods that take prior preservation as a regularisation subset of the data. Not Textual Inversion: its

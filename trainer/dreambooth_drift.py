@@ -1,9 +1,9 @@
-"""How far training moved a prompt's noise predictions away from the base model's.
+"""DreamBooth prior preservation, measured: how far training moved a prompt's noise predictions from the base model's.
 
 Prior preservation should keep the class prompt ("a photo of a frog") predicting what the base model
 predicts, while the instance prompt ("sls frog") learns the subject. This measures both:
 
-    python -m trainer.methods.dreambooth.drift [--recipe RECIPE] [--frog-base STEPS] [key=value ...]
+    python -m trainer.dreambooth_drift [--recipe RECIPE] [--frog-base STEPS] [key=value ...]
 
 trains the recipe (default ``recipes/sls_frog_dreambooth.yaml``) twice, with and without prior
 preservation, and prints for each prompt two relative drifts, ``mean ||a_trained - a_base||^2 /
@@ -35,13 +35,14 @@ import torch
 from trainer import diffusion
 from trainer.data.dataset import load_pixels
 from trainer.data.scan import scan
+from trainer.examples import example_path
 from trainer.loop import train
 from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images
 from trainer.models.loading import BaseModel, load_base_model
 from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_RECIPE = REPO / "recipes" / "sls_frog_dreambooth.yaml"
+DEFAULT_RECIPE = example_path("recipes", "sls_frog_dreambooth.yaml")
+TAGGED_EXAMPLE = example_path("datasets", "tagged_example", "5_tagged")
 EVAL_SEED = 1_000_000  # far from any class_seed + i of the training class images
 EVAL_IMAGES = 8
 TIMESTEPS = tuple(range(50, 1000, 100))
@@ -117,12 +118,11 @@ def measure(recipe_path: Path, overrides: list[str], root: Path, instance_prompt
 def train_frog_base(recipe_path: Path, overrides: list[str], root: Path, steps: int) -> Path:
     """The built-in model after a plain full fine-tune on the mint frog ("a photo of a frog") and the blob
     cat ("a photo of a cat") of datasets/tagged_example; returns its diffusers folder."""
-    tagged = REPO / "datasets" / "tagged_example" / "5_tagged"
     folders = {"mint frog": root / "data" / "1_a photo of a frog", "blob cat": root / "data" / "1_a photo of a cat"}
     for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    for caption_file in sorted(tagged.glob("*.txt")):
+    for caption_file in sorted(TAGGED_EXAMPLE.glob("*.txt")):
         character = caption_file.read_text(encoding="utf-8").split(",")[0].strip()
         if character in folders:
             # No caption file next to the copy: the folder words are the caption.
