@@ -60,7 +60,7 @@ def test_installed_sdtrain_finds_its_examples_from_anywhere(installed, tmp_path)
 
         import trainer
         from trainer.bench import run_bench
-        from trainer.dreambooth_drift import DEFAULT_RECIPE, train_frog_base
+        from trainer.dreambooth_drift import main as dreambooth_drift
         from trainer.loop import train
         from trainer.toyworld.bench import _load, bench_runs
 
@@ -77,8 +77,12 @@ def test_installed_sdtrain_finds_its_examples_from_anywhere(installed, tmp_path)
         run = runs["sls_frog_lora (no prior)"]
         assert train(_load(run.recipe, run.overrides), show_progress=False).artifacts
 
-        # The DreamBooth drift measurement: its recipe and the tagged example's frogs and cats.
-        assert train_frog_base(DEFAULT_RECIPE, ["data.resolution=64"], out / "drift", steps=1).is_dir()
+        # The DreamBooth drift measurement: its recipe on the sls frog, and the tagged example's frogs and cats.
+        dreambooth_drift([
+            "--frog-base", "1", "--out", str(out / "drift"), "train.max_steps=1", "dreambooth.num_class_images=1",
+            "dreambooth.class_sample_steps=1", "dreambooth.class_resolution=64", "data.resolution=64",
+            "data.buckets.min_side=64", "data.buckets.max_side=128",
+        ])
         print("ok")
         """
     )

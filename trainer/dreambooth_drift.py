@@ -42,6 +42,8 @@ from trainer.models.loading import BaseModel, load_base_model
 from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
 DEFAULT_RECIPE = example_path("recipes", "sls_frog_dreambooth.yaml")
+# The default recipe names its data relative to the repository root; the measurement runs from anywhere.
+DEFAULT_DATA = example_path("datasets", "sls_frog")
 TAGGED_EXAMPLE = example_path("datasets", "tagged_example", "5_tagged")
 EVAL_SEED = 1_000_000  # far from any class_seed + i of the training class images
 EVAL_IMAGES = 8
@@ -136,16 +138,19 @@ def train_frog_base(recipe_path: Path, overrides: list[str], root: Path, steps: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    parser.add_argument("--recipe", help="default: recipes/sls_frog_dreambooth.yaml on datasets/sls_frog")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. train.max_steps=50")
     parser.add_argument("--instance-prompt", default="sls frog", help="the subject's prompt, for comparison")
     parser.add_argument("--frog-base", type=int, default=0, metavar="STEPS", help="first fine-tune the base on frogs and cats for STEPS steps")
     parser.add_argument("--out", default="output/dreambooth_drift", help="folder for the runs")
     args = parser.parse_args(argv)
     out, overrides = Path(args.out), list(args.overrides)
+    recipe = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
+    if not args.recipe:
+        overrides.insert(0, f"data.dir={DEFAULT_DATA}")
     if args.frog_base:
-        overrides.append(f"model.base={train_frog_base(Path(args.recipe), overrides, out / 'frog_base', args.frog_base)}")
-    results = measure(Path(args.recipe), overrides, out / "dreambooth", args.instance_prompt)
+        overrides.append(f"model.base={train_frog_base(recipe, overrides, out / 'frog_base', args.frog_base)}")
+    results = measure(recipe, overrides, out / "dreambooth", args.instance_prompt)
     print(f"{'run':28s} {'prompt':20s} {'prediction drift':>16s} {'guidance drift':>16s}")
     for label, prompts in results.items():
         for prompt, drift in prompts.items():
