@@ -1,4 +1,5 @@
-"""Shared fixtures: small, fast recipes on the built-in tiny model and the shipped sls-frog images."""
+"""Shared fixtures: small, fast recipes on the built-in tiny model and the shipped sls-frog images, and a
+per-user cache of the test session's own."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def fast_overrides(output_dir: Path, **extra) -> list[str]:
 @pytest.fixture
 def lora_recipe_path() -> Path:
     return REPO / "recipes" / "sls_frog_lora.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test, and every process a test starts, uses this session's own per-user cache (SDTRAIN_CACHE_DIR),
+    never ~/.cache/sdtrain: the toy base is written there on first use and reused by the tests after."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("sdtrain-cache")))
+        yield
 
 
 def draw(pipe, prompt: str = "sls frog"):

@@ -289,3 +289,30 @@ def test_bad_input_stops_before_training(tmp_path, monkeypatch, case, fragment):
     with pytest.raises(UserError, match=fragment):
         train(_recipe(out, class_dir, **extra), show_progress=False)
     assert not (out / "checkpoints").exists()
+
+
+def test_ema_follows_diffusers_ema_model_step_by_step():
+    # diffusers' EMAModel is the oracle: its warm-up decay (1 + n) / (10 + n), capped at the recipe's decay.
+    from diffusers.training_utils import EMAModel
+
+    max_decay, steps = 0.3, 6  # the warm-up passes 0.3 at the fourth update: both regimes are checked
+    recipe = load_recipe(RECIPE, ["dreambooth.ema=true", f"dreambooth.ema_decay={max_decay}", "dreambooth.prior_preservation=false", "output.save_dtype=fp32"])
+    model = load_base_model("tiny")
+    method = DreamBoothMethod(recipe, model)
+    method.setup()
+    params = list(model.unet.parameters())
+    oracle = EMAModel(params, decay=max_decay)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        with torch.no_grad():  # an "optimizer step": every weight moves
+            for param in params:
+                param.add_(torch.randn(param.shape, generator=generator), alpha=0.1)
+        method.after_optimizer_step()
+        oracle.step(params)
+    exported = list(method.exported_model().unet.parameters())
+    for ours, expected in zip(exported, oracle.shadow_params, strict=True):
+        # Each update is a convex combination in float32, ours by lerp, diffusers' by s - (1 - d)(s - p): a few
+        # roundings of relative size eps per step, not amplified by later steps, so 4 * steps * eps of the largest value.
+        atol = 4 * steps * torch.finfo(torch.float32).eps * float(expected.abs().max())
+        torch.testing.assert_close(ours, expected, rtol=0, atol=atol)
+    assert not torch.equal(exported[0], params[0])  # the export is the EMA, not the last weights

@@ -1,7 +1,8 @@
 """Hypernetworks end to end: files AUTOMATIC1111 and ComfyUI read as the trainer meant them.
 
 AUTOMATIC1111's module, its loader and its pickle checker, and ComfyUI's loader, are re-implemented
-here from their description (shared/reference/formats.md 3.3, 4.1, 4.2), independently of the
+here from their description (docs/formats.md#automatic1111-hypernetworks and
+docs/formats.md#pickles-automatic1111-accepts), independently of the
 trainer's code, and must give the trainer's keys and values for the same context.
 """
 
@@ -33,7 +34,7 @@ from trainer.sampling import sampling_pipeline, write_samples
 RECIPE = REPO / "recipes" / "sls_frog_hypernetwork.yaml"
 TEXT_WIDTH = 64
 
-# --- AUTOMATIC1111 (modules/hypernetworks/hypernetwork.py, modules/safe.py), from formats.md ------
+# --- AUTOMATIC1111 (modules/hypernetworks/hypernetwork.py, modules/safe.py), docs/formats.md#the-hypernetwork-pt
 
 A1111_ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 A1111_ACTIVATIONS.update({name.lower(): cls for name, cls in vars(torch.nn.modules.activation).items() if isinstance(cls, type) and cls.__module__ == "torch.nn.modules.activation"})
@@ -118,7 +119,7 @@ def a1111_pickle_check(path) -> None:
             unpickler.load()
 
 
-# --- ComfyUI (comfy_extras/nodes_hypernetwork.py), from formats.md --------------------------------
+# --- ComfyUI (comfy_extras/nodes_hypernetwork.py), docs/formats.md#how-comfyui-reads-a-hypernetwork ---
 
 COMFYUI_ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softsign": nn.Softsign, "mish": nn.Mish}
 

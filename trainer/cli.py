@@ -67,8 +67,9 @@ def _toyworld_build(args: argparse.Namespace) -> int:
 
 def _toyworld_bench(args: argparse.Namespace) -> int:
     from trainer.toyworld.bench import toyworld_bench
+    from trainer.toyworld.evaluate import EvalSettings
 
-    print(toyworld_bench(Path(args.out), samples=args.samples))
+    print(toyworld_bench(Path(args.out), EvalSettings(samples_per_prompt=args.samples)))
     return 0
 
 

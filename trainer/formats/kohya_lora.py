@@ -3,7 +3,7 @@
 A module path (diffusers names for the SD1/SD2 UNet, Hugging Face CLIP names for the text encoder)
 becomes ``<prefix>_<path with "." replaced by "_">``, with tensors ``.lora_down.weight`` [r, in, *k],
 ``.lora_up.weight`` [out, r(, 1, 1)] and a 0-dim float32 ``.alpha`` (scale = alpha / r).
-See ../shared/reference/formats.md section 1.
+See docs/formats.md#kohya-lora.
 
 transformers >= 5 dropped the ``text_model`` level from ``CLIPTextModel``'s module tree; the UIs only
 match ``lora_te_text_model_encoder_layers_...``, so text-encoder paths are normalised here.

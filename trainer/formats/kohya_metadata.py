@@ -1,6 +1,6 @@
 """kohya's ``ss_*`` training metadata, which AUTOMATIC1111's Lora tab and Civitai read.
 
-Values are strings; JSON-valued keys are JSON strings (formats.md 6.1, kohya.md 2.2). The flat
+Values are strings; JSON-valued keys are JSON strings (docs/formats.md#training-metadata). The flat
 "legacy" layout is written, as kohya does without a dataset TOML.
 """
 
@@ -71,7 +71,8 @@ def training_metadata(recipe, model, context, *, network_module: str, network_di
 def network_metadata(recipe, model, context, *, adapter: str, network_module: str, network_dim: int, network_alpha: float, network_args: dict | None = None) -> dict[str, str]:
     """The whole header of an adapter file: kohya's ``ss_*`` keys plus ModelSpec ``{architecture}/{adapter}``.
 
-    The implementation is "diffusers" because SD1/SD2 adapter files use diffusers module paths (formats.md 6.2).
+    The implementation is "diffusers" because SD1/SD2 adapter files use diffusers module paths
+    (docs/formats.md#modelspec).
     """
     metadata = training_metadata(recipe, model, context, network_module=network_module, network_dim=network_dim, network_alpha=network_alpha, network_args=network_args)
     metadata.update(

@@ -6,13 +6,13 @@ conversion is a rename of *modules* (a parameter keeps its last name part), writ
 
 * UNet (``model.diffusion_model.*``): built from the UNet config - how many down/up blocks, how many
   layers per block, which blocks have attention - so the same code serves the built-in tiny model,
-  SD1.5 and SD2.1 (formats.md 1.4). The tensors themselves are never changed.
+  SD1.5 and SD2.1 (docs/formats.md#unet-module-paths). The tensors themselves are never changed.
 * VAE (``first_stage_model.*``): built from the block counts found in the keys. The mid-block
   attention's q/k/v/proj_out are 1x1 convolutions in ldm and Linear layers in diffusers, so those
   weights are reshaped ``[C, C] <-> [C, C, 1, 1]``.
 * Text encoder: SD1 keeps Hugging Face CLIP names under ``cond_stage_model.transformer.text_model.``;
   SD2 uses OpenCLIP names under ``cond_stage_model.model.`` with q/k/v fused into ``in_proj``
-  (formats.md 5.1).
+  (docs/formats.md#vae-and-text-encoders).
 
 Each table is used in both directions, so diffusers -> ldm -> diffusers is exact by construction;
 the tests check the names against diffusers' own ldm -> diffusers converter.
@@ -352,8 +352,8 @@ def sd2_text_encoder_from_ldm(ldm_te_sd: Mapping[str, torch.Tensor], num_layers:
 def is_sd2_checkpoint(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """SD2 if the text encoder is OpenCLIP (``cond_stage_model.model.*``), SD1 if it is HF CLIP.
 
-    The text encoder decides, as in AUTOMATIC1111 and diffusers (formats.md 5.1, 5.3); the UNet is
-    the same family either way. Raises ``CheckpointLayoutError`` when neither is present.
+    The text encoder decides, as in AUTOMATIC1111 and diffusers
+    (docs/formats.md#how-loaders-tell-sd1-from-sd2); the UNet is the same family either way. Raises ``CheckpointLayoutError`` when neither is present.
     """
     if any(key.startswith(SD2_TEXT_PREFIX) for key in state_dict):
         return True
@@ -416,7 +416,7 @@ MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 def modelspec_architecture(is_v2: bool, prediction_type: str) -> str:
-    """ModelSpec architecture id (formats.md 6.2); SD1 has one id whatever it predicts."""
+    """ModelSpec architecture id (docs/formats.md#modelspec); SD1 has one id whatever it predicts."""
     if not is_v2:
         return "stable-diffusion-v1"
     return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"

@@ -21,7 +21,8 @@ SUFFIXES = {"a1111": ".pt", "safetensors": ".safetensors"}
 
 
 def comfyui_differences(structure: Structure) -> list[str]:
-    """Where ComfyUI's HypernetworkLoader would read a file of this structure differently from AUTOMATIC1111 (formats.md 4.2)."""
+    """Where ComfyUI's HypernetworkLoader would read a file of this structure differently from AUTOMATIC1111
+    (docs/formats.md#how-comfyui-reads-a-hypernetwork)."""
     differences = []
     if structure.activation not in COMFYUI_ACTIVATIONS:
         differences.append(

@@ -61,7 +61,7 @@ def build_adapter(cfg: LycorisConfig, path: str, layer: nn.Module) -> modules.Ly
         if rank == 0:
             return None
     if cfg.algo == "ia3":
-        # AUTOMATIC1111 applies (IA)^3 to Linear layers only (formats.md 2.4).
+        # AUTOMATIC1111 applies (IA)^3 to Linear layers only (docs/formats.md#what-each-consumer-applies).
         return modules.ia3(layer, on_input=bool(FEED_FORWARD_OUTPUT.search(path))) if isinstance(layer, nn.Linear) else None
     if cfg.algo == "full":
         return modules.full(layer)
