@@ -1,4 +1,5 @@
-"""Shared fixtures: small, fast recipes on the built-in tiny model and the shipped sls-frog images."""
+"""Shared fixtures: small, fast recipes on the built-in tiny model and the shipped sls-frog images, and a
+per-user cache of the test session's own."""
 
 from __future__ import annotations
 
@@ -33,3 +34,21 @@ def fast_overrides(output_dir: Path, **extra) -> list[str]:
 @pytest.fixture
 def lora_recipe_path() -> Path:
     return REPO / "recipes" / "sls_frog_lora.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test, and every process a test starts, uses this session's own per-user cache (SDTRAIN_CACHE_DIR),
+    never ~/.cache/sdtrain: the toy base is written there on first use and reused by the tests after."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("sdtrain-cache")))
+        yield
+
+
+def draw(pipe, prompt: str = "sls frog"):
+    """One 64 px image (numpy) from a diffusers pipeline in 3 steps with a fixed seed: every part of the pipeline runs."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(3)
+    return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]

@@ -1,16 +1,24 @@
 """``sdtrain bench``: runs every configuration in its own process and prints a readable table.
 
 No timing assertions: the numbers depend on the machine and its load. What is checked is what a user
-relies on: one row per configuration with the settings it ran, plausible numbers, failures reported
-in the table instead of aborting the run, and the benchmark model having SD1.5's real size.
+relies on: each configuration trains what its row says, its numbers are the measured times of its own
+timed steps (warm-up excluded), failures are reported in the table instead of aborting the run, and the
+benchmark model has SD1.5's real size.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
-from trainer.bench import COLUMNS, main, run_bench
+from trainer import bench
+from trainer.bench import Configuration, Measurement, main, measure, run_bench
 from trainer.errors import UserError
+from trainer.loop import TrainResult
+
+COLUMNS = ["model", "resolution", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory"]
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -18,31 +26,72 @@ def _rows(table: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
 
-def test_bench_prints_one_row_per_configuration(capsys):
-    code = main(["--models", "tiny", "--steps", "1", "--warmup", "1", "--resolution", "64", "--grad-ckpt", "on"])
-    assert code == 0
+def test_bench_measures_each_configuration_in_its_own_process_and_reports_failures(capsys):
+    timed_steps = 2
+    started = time.perf_counter()
+    argv = ["--models", "tiny", "random:sd9", "--steps", str(timed_steps), "--warmup", "1", "--resolution", "64", "--cache", "on", "--grad-ckpt", "on"]
+    code = main(argv)
+    elapsed = time.perf_counter() - started
+    assert code == 0  # a failing configuration does not abort the others
     captured = capsys.readouterr()
-    header, separator, *rows = _rows(captured.out)
-    assert tuple(header) == COLUMNS
-    assert set("".join(separator)) == {"-"}
-    assert [(row[0], row[1], row[3], row[4]) for row in rows] == [("tiny", "64x64", "off", "on"), ("tiny", "64x64", "on", "on")]
-    for row in rows:
-        assert row[2] == "2"  # the recipe's batch size
-        steps_per_second, seconds_per_step = float(row[5]), float(row[6])
-        assert steps_per_second > 0 and steps_per_second * seconds_per_step == pytest.approx(1, rel=0.01)
-        amount, unit, kind = row[7].split()
-        assert float(amount) > 0.1 and unit == "GiB" and kind in ("RSS", "CUDA")
+    header, separator, tiny, unknown = _rows(captured.out)
+    assert header == COLUMNS and set("".join(separator)) == {"-"}
+    assert tiny[:5] == ["tiny", "64x64", "2", "on", "on"]  # 2: the recipe's batch size
+    # The timed steps ran inside this command, so together they took more than nothing and less than all of it.
+    assert 0 < float(tiny[6]) * timed_steps < elapsed
+    amount, unit, kind = tiny[7].split()
+    assert float(amount) > 0.1 and unit == "GiB" and kind in ("RSS", "CUDA")
     assert "device: " in captured.out
+    assert unknown[0] == "random:sd9" and unknown[5:] == ["failed", "-", "-"]
+    # The child's error says what would have worked.
+    assert "random:sd1" in captured.out.split("Failed configurations:")[1]
     # Progress goes to stderr, one line per configuration as it finishes.
     assert captured.err.count("[1/2]") == 1 and captured.err.count("[2/2]") == 1
 
 
-def test_failed_configuration_is_reported_in_the_table():
-    table = run_bench(["random:sd9"], steps=1, resolution=64, cache=(True,), gradient_checkpointing=(False,), log=lambda _: None)
-    (row,) = _rows(table)[2:]
-    assert row[0] == "random:sd9" and row[5] == "failed"
-    # The child's error says what would have worked.
-    assert "Failed configurations" in table and "random:sd1" in table
+def test_a_configuration_trains_its_settings_and_times_only_the_steps_after_warm_up(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(recipe, show_progress):
+        trained.append(recipe)
+        return TrainResult(output_dir=Path(recipe.output.dir), artifacts=[], step_seconds=[30.0, 0.5, 1.5, 1.0])
+
+    monkeypatch.setattr("trainer.loop.train", fake_train)
+    config = Configuration(
+        model="tiny", recipe=str(bench.DEFAULT_RECIPE), dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
+        resolution=128, batch_size=3, cache_latents=True, gradient_checkpointing=True, warmup_steps=1, timed_steps=3,
+    )
+    measurement = measure(config)
+    assert measurement.seconds_per_step == pytest.approx(1.0)  # the mean of 0.5, 1.5 and 1.0: not the warm-up's 30 s
+    (recipe,) = trained
+    assert (recipe.model.base, recipe.data.dir, recipe.data.subsets, recipe.output.dir) == ("tiny", config.dataset, [], config.output_dir)
+    assert (recipe.data.resolution, recipe.data.buckets.max_side, recipe.train.batch_size, recipe.train.max_steps) == (128, 128, 3, 4)
+    assert recipe.data.cache_latents == "memory" and recipe.train.gradient_checkpointing
+    # Nothing but training steps: no samples, checkpoints or logs inside the timed run.
+    assert (recipe.sample.every_steps, recipe.train.save_every_steps, recipe.output.tensorboard) == (0, 0, False)
+
+
+def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
+    gib = 2**30
+    outcomes = {  # (cache, gradient checkpointing) -> what its process reported
+        (False, False): Measurement(0.25, 3 * gib, "RSS", "CPU: test"),
+        (False, True): "RuntimeError: not enough memory",
+        (True, False): Measurement(0.5, gib, "RSS", "CPU: test"),
+        (True, True): Measurement(2.0, gib // 2, "RSS", "CPU: test"),
+    }
+    monkeypatch.setattr(bench, "_measure_in_subprocess", lambda config, path: outcomes[config.cache_latents, config.gradient_checkpointing])
+    table = run_bench(["tiny"], steps=3, resolution=64, log=lambda _: None)
+    header, _, *rows = _rows(table)
+    assert header == COLUMNS
+    assert {(row[3], row[4]): row[5:] for row in rows} == {
+        ("off", "off"): ["4.000", "0.250", "3.00 GiB RSS"],
+        ("off", "on"): ["failed", "-", "-"],
+        ("on", "off"): ["2.000", "0.500", "1.00 GiB RSS"],
+        ("on", "on"): ["0.500", "2.000", "0.50 GiB RSS"],
+    }
+    failures = table.split("Failed configurations:\n")[1]
+    assert "cache: off  grad ckpt: on" in failures and "RuntimeError: not enough memory" in failures
+    assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table
 
 
 def test_resolution_must_be_a_bucket_size():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, fast_overrides
+from tests.conftest import REPO, draw, fast_overrides
 from trainer.cli import main
 
 RECIPE = str(REPO / "recipes" / "sls_frog_lora.yaml")
@@ -17,9 +17,20 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def _load_pipeline(folder, **kwargs):
+    """``from_pretrained(folder, **kwargs)`` as diffusers' docs load a folder; every part must come out in one dtype."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
+    assert len({pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype}) == 1
+    return pipe
+
+
 def test_tiny_base_folder_trains_as_a_diffusers_base(tmp_path, capsys):
     code, out, _ = _run(capsys, "base", "tiny", str(tmp_path / "tiny"))
     assert code == 0 and (tmp_path / "tiny" / "model_index.json").is_file()
+    assert not list((tmp_path / "tiny").glob("*/*.fp16.*"))  # float32 only: no variant asked for
+    draw(_load_pipeline(tmp_path / "tiny"))
     code, out, err = _run(capsys, "train", RECIPE, *fast_overrides(tmp_path / "out", **{"model.base": str(tmp_path / "tiny"), "train.max_steps": 2}), "--quiet")
     assert code == 0, err
     assert (tmp_path / "out" / "sls_frog.safetensors").is_file()
@@ -75,15 +86,23 @@ def test_convert_hypernetwork_and_model_both_ways(tmp_path, capsys):
     assert _run(capsys, "convert", str(tmp_path / "hn.safetensors"), str(tmp_path / "back.pt"))[0] == 0
     original, back = read_hypernetwork(pt), read_hypernetwork(tmp_path / "back.pt")
     assert original.layers.keys() == back.layers.keys()
-    # A model: diffusers folder -> single file -> diffusers folder.
+    # A model: diffusers folder -> single file -> diffusers folder, which keeps float32 main files and adds the fp16 variant.
     assert _run(capsys, "base", "tiny", str(tmp_path / "tiny"))[0] == 0
     assert _run(capsys, "convert", str(tmp_path / "tiny"), str(tmp_path / "tiny.safetensors"), "--dtype", "fp32")[0] == 0
     assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(tmp_path / "tiny.safetensors")
-    code, _, err = _run(capsys, "convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "again"), "--config", str(tmp_path / "tiny"), "--dtype", "fp32")
+    code, _, err = _run(capsys, "convert", str(tmp_path / "tiny.safetensors"), str(tmp_path / "again"), "--config", str(tmp_path / "tiny"), "--dtype", "fp16")
     assert code == 0, err
     a = load_file(tmp_path / "tiny" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    half = load_file(tmp_path / "again" / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert a.keys() == b.keys() == half.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k].half(), half[k]) for k in a)
+    plain = _load_pipeline(tmp_path / "again")
+    assert plain.text_encoder.dtype == torch.float32
+    draw(plain)
+    variant = _load_pipeline(tmp_path / "again", variant="fp16", torch_dtype=torch.float16)
+    assert variant.text_encoder.dtype == torch.float16
+    draw(variant)
 
 
 def test_eval_concept_writes_report_for_a_toy_lora(tmp_path, capsys):

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -307,6 +310,34 @@ def test_pixels_rgb_on_white_flip_and_exif_rotation(tmp_path):
     assert len({batch.cache_keys[0] for batch in flips}) == 2  # flip is part of the cache key
 
 
+def test_odd_but_valid_images_become_the_rgb_they_show(tmp_path):
+    folder = tmp_path / "1_x"
+    make_image(folder / "grey.png", mode="L", color=64)
+    make_image(folder / "cmyk.jpg", mode="CMYK", color=(0, 255, 255, 0))  # red, in ink
+    # 16-bit grey at half its range: PIL alone would clip it to white.
+    Image.fromarray(np.full((128, 128), 0x8000, dtype=np.uint16)).save(folder / "deep.png")
+    Image.new("RGB", (128, 128), (0, 0, 200)).save(folder / "blue.webp", lossless=True)
+    assert Image.open(folder / "deep.png").mode == "I;16" and Image.open(folder / "cmyk.jpg").mode == "CMYK"
+
+    data = TrainingData(small_cfg(dir=str(tmp_path)), seed=0, batch_size=1)
+    # One repeat each: sample i is item i.
+    pixels = {item.path.name: data.load_batch([index], 0).pixel_values()[0] for index, item in enumerate(data.items)}
+
+    def level(value: int) -> float:
+        return value / 127.5 - 1.0
+
+    def channel_means(name: str) -> list[float]:
+        return [pixels[name][channel].mean().item() for channel in range(3)]
+
+    # float32 rounding of one division and one subtraction is ~1e-7; 1e-6 leaves room without hiding a level (0.008).
+    assert channel_means("grey.png") == pytest.approx([level(64)] * 3, abs=1e-6)
+    assert channel_means("blue.webp") == pytest.approx([level(0), level(0), level(200)], abs=1e-6)
+    # The high byte of 0x8000 is 128.
+    assert channel_means("deep.png") == pytest.approx([level(128)] * 3, abs=1e-6)
+    # JPEG may move a flat colour by a few of its 256 levels (2/255 each here); 0.05 is about six.
+    assert channel_means("cmyk.jpg") == pytest.approx([1.0, -1.0, -1.0], abs=0.05)
+
+
 def test_fingerprint_follows_the_data_not_its_location(tmp_path):
     data = mixed_dataset(tmp_path / "one")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
@@ -359,6 +390,23 @@ def test_corrupt_and_truncated_images_are_named(tmp_path):
     message = error_of(small_cfg(dir=str(tmp_path)))
     assert "2 problems" in message and "garbage.png" in message and "cut.png" in message
     assert "good.png" not in message
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` RGB pixels but holds almost no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_refused_by_name_without_decoding_it(tmp_path):
+    make_image(tmp_path / "1_x" / "good.png")
+    # 40000 x 40000 RGB would take 4.8 GB to decode; PIL refuses images over twice its 89.5 Mpx limit.
+    (tmp_path / "1_x" / "bomb.png").write_bytes(_png_header_only(40_000, 40_000))
+    message = error_of(small_cfg(dir=str(tmp_path)))
+    assert "bomb.png" in message and "DecompressionBombError" in message and "good.png" not in message
 
 
 def test_too_small_image_names_the_minimum_and_the_fix(tmp_path):

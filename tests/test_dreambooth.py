@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, fast_overrides
+from tests.conftest import REPO, draw, fast_overrides
 from trainer.convert import convert_checkpoint
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata
@@ -38,7 +38,6 @@ def _recipe(out, class_dir, **extra):
         "dreambooth.class_batch_size": 3,  # 4 images: one full batch and one short one
         "dreambooth.text_encoder_steps": 3,
         "dreambooth.ema": True,
-        "output.save_dtype": "fp32",
     }
     values.update(extra)
     return load_recipe(RECIPE, fast_overrides(out, **values))
@@ -51,7 +50,7 @@ def class_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, class_dir):
-    """The uninterrupted run: generates the class images, trains 6 steps, writes both formats."""
+    """The uninterrupted run: generates the class images, trains 6 steps, writes both formats (the recipe's fp16)."""
     out = tmp_path_factory.mktemp("dreambooth")
     result = train(_recipe(out, class_dir), show_progress=False)
     return out, result
@@ -153,12 +152,6 @@ def test_prior_loss_enters_the_gradient(run, class_dir, tmp_path):
 # Exports
 
 
-def _image(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(3)
-    return pipe("sls frog", num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
-
-
 def test_single_file_loads_in_diffusers_and_draws_what_the_folder_draws(run):
     from diffusers import StableDiffusionPipeline
 
@@ -171,35 +164,56 @@ def test_single_file_loads_in_diffusers_and_draws_what_the_folder_draws(run):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.title"] == "sls_frog"
     assert meta["modelspec.description"] == "sls frog DreamBooth on the sdtrain tiny model"
 
-    from_folder = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    # The folder's fp16 variant holds the weights the single file holds (both in output.save_dtype).
+    from_folder = StableDiffusionPipeline.from_pretrained(folder, variant="fp16")
     from_file = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), local_files_only=True)
     from_file.scheduler = from_folder.scheduler
-    np.testing.assert_array_equal(_image(from_folder), _image(from_file))
+    np.testing.assert_array_equal(draw(from_folder), draw(from_file))
+
+
+def test_diffusers_folder_loads_plainly_and_as_its_fp16_variant(run):
+    """save_dtype fp16 once gave a folder whose plain load mixed a half text encoder with a float32 UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = run
+    folder = out / "sls_frog_diffusers"
+    plain = StableDiffusionPipeline.from_pretrained(folder)
+    assert {plain.unet.dtype, plain.vae.dtype, plain.text_encoder.dtype} == {torch.float32}
+    assert np.isfinite(draw(plain)).all()
+    half = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}
+    assert np.isfinite(draw(half)).all()
 
 
 def test_export_is_the_ema_of_the_trained_weights(run):
     out, _ = run
     final = _weights(out, 6)
-    exported = load_base_model(str(out / "sls_frog_diffusers"))
+    folder = out / "sls_frog_diffusers"
+    exported = load_base_model(str(folder))
     for part in ("unet", "text_encoder"):
         for name, tensor in getattr(exported, part).state_dict().items():
             if f"{part}.{name}" in final:
                 assert torch.equal(tensor, final[f"ema.{part}.{name}"]), name
+    # The main files keep the float32 EMA; the fp16 variant is that, rounded once.
+    variant = load_file(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    assert variant.keys() == exported.unet.state_dict().keys()
+    for name, tensor in exported.unet.state_dict().items():
+        assert torch.equal(variant[name], tensor.half()), name
     assert any(not torch.equal(final[k], final[f"ema.{k}"]) for k in final if k.startswith("unet."))
 
 
 def test_convert_original_to_diffusers_and_back_is_exact(run, tmp_path):
     out, _ = run
-    original = out / "sls_frog.safetensors"
-    folder = convert_checkpoint(original, tmp_path / "converted", "fp32", config=out / "sls_frog_diffusers")
+    original = out / "sls_frog.safetensors"  # fp16: fp16 -> float32 folder -> fp16 is exact
+    folder = convert_checkpoint(original, tmp_path / "converted", "fp16", config=out / "sls_frog_diffusers")
     assert (folder / "model_index.json").is_file()
-    back = convert_checkpoint(folder, tmp_path / "back.safetensors", "fp32")
+    back = convert_checkpoint(folder, tmp_path / "back.safetensors", "fp16")
     expected, actual = load_file(original), load_file(back)
     assert sorted(expected) == sorted(actual)
     for key, tensor in expected.items():
-        assert torch.equal(actual[key], tensor), key
-    half = load_file(convert_checkpoint(folder, tmp_path / "half.safetensors", "fp16"))
-    assert {t.dtype for t in half.values() if t.is_floating_point()} == {torch.float16}
+        assert actual[key].dtype == tensor.dtype and torch.equal(actual[key], tensor), key
+    full = load_file(convert_checkpoint(folder, tmp_path / "full.safetensors", "fp32"))
+    assert {t.dtype for t in full.values() if t.is_floating_point()} == {torch.float32}
     with pytest.raises(UserError, match="already exists"):
         convert_checkpoint(folder, back, "fp16")
     with pytest.raises(UserError, match="--config"):  # the tiny model is not SD1.5-shaped
@@ -246,7 +260,8 @@ def test_plain_full_finetune_with_tag_captions(tmp_path):
     recipe = _recipe(
         tmp_path / "out", class_dir,
         **{"dreambooth.prior_preservation": False, "dreambooth.class_prompt": "null", "data.dir": str(REPO / "datasets" / "tagged_example"),
-           "data.shuffle_tags": True, "data.keep_tokens": 1, "train.max_steps": 2, "output.formats": "[single_file]"},
+           "data.shuffle_tags": True, "data.keep_tokens": 1, "train.max_steps": 2, "output.formats": "[single_file]",
+           "output.save_dtype": "fp32"},
     )
     result = train(recipe, show_progress=False)
     assert not class_dir.exists()
@@ -274,3 +289,30 @@ def test_bad_input_stops_before_training(tmp_path, monkeypatch, case, fragment):
     with pytest.raises(UserError, match=fragment):
         train(_recipe(out, class_dir, **extra), show_progress=False)
     assert not (out / "checkpoints").exists()
+
+
+def test_ema_follows_diffusers_ema_model_step_by_step():
+    # diffusers' EMAModel is the oracle: its warm-up decay (1 + n) / (10 + n), capped at the recipe's decay.
+    from diffusers.training_utils import EMAModel
+
+    max_decay, steps = 0.3, 6  # the warm-up passes 0.3 at the fourth update: both regimes are checked
+    recipe = load_recipe(RECIPE, ["dreambooth.ema=true", f"dreambooth.ema_decay={max_decay}", "dreambooth.prior_preservation=false", "output.save_dtype=fp32"])
+    model = load_base_model("tiny")
+    method = DreamBoothMethod(recipe, model)
+    method.setup()
+    params = list(model.unet.parameters())
+    oracle = EMAModel(params, decay=max_decay)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        with torch.no_grad():  # an "optimizer step": every weight moves
+            for param in params:
+                param.add_(torch.randn(param.shape, generator=generator), alpha=0.1)
+        method.after_optimizer_step()
+        oracle.step(params)
+    exported = list(method.exported_model().unet.parameters())
+    for ours, expected in zip(exported, oracle.shadow_params, strict=True):
+        # Each update is a convex combination in float32, ours by lerp, diffusers' by s - (1 - d)(s - p): a few
+        # roundings of relative size eps per step, not amplified by later steps, so 4 * steps * eps of the largest value.
+        atol = 4 * steps * torch.finfo(torch.float32).eps * float(expected.abs().max())
+        torch.testing.assert_close(ours, expected, rtol=0, atol=atol)
+    assert not torch.equal(exported[0], params[0])  # the export is the EMA, not the last weights

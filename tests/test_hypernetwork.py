@@ -1,7 +1,8 @@
 """Hypernetworks end to end: files AUTOMATIC1111 and ComfyUI read as the trainer meant them.
 
 AUTOMATIC1111's module, its loader and its pickle checker, and ComfyUI's loader, are re-implemented
-here from their description (shared/reference/formats.md 3.3, 4.1, 4.2), independently of the
+here from their description (docs/formats.md#automatic1111-hypernetworks and
+docs/formats.md#pickles-automatic1111-accepts), independently of the
 trainer's code, and must give the trainer's keys and values for the same context.
 """
 
@@ -33,7 +34,7 @@ from trainer.sampling import sampling_pipeline, write_samples
 RECIPE = REPO / "recipes" / "sls_frog_hypernetwork.yaml"
 TEXT_WIDTH = 64
 
-# --- AUTOMATIC1111 (modules/hypernetworks/hypernetwork.py, modules/safe.py), from formats.md ------
+# --- AUTOMATIC1111 (modules/hypernetworks/hypernetwork.py, modules/safe.py), docs/formats.md#the-hypernetwork-pt
 
 A1111_ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 A1111_ACTIVATIONS.update({name.lower(): cls for name, cls in vars(torch.nn.modules.activation).items() if isinstance(cls, type) and cls.__module__ == "torch.nn.modules.activation"})
@@ -118,7 +119,7 @@ def a1111_pickle_check(path) -> None:
             unpickler.load()
 
 
-# --- ComfyUI (comfy_extras/nodes_hypernetwork.py), from formats.md --------------------------------
+# --- ComfyUI (comfy_extras/nodes_hypernetwork.py), docs/formats.md#how-comfyui-reads-a-hypernetwork ---
 
 COMFYUI_ACTIVATIONS = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softsign": nn.Softsign, "mish": nn.Mish}
 
@@ -327,15 +328,16 @@ def test_initialisation_is_seeded_by_train_seed_alone(tiny, tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("layer_structure", "[2,1]", r"hypernetwork\.layer_structure is \[2\.0, 1\.0\]; it must start and end with 1"),
-        ("activation", "prelu", r"hypernetwork\.activation is 'prelu'"),
-        ("dropout_structure", "[0,0.3]", r"hypernetwork\.dropout_structure is \[0\.0, 0\.3\]; it needs one probability per"),
-        ("weight_init", "Uniform", r"hypernetwork\.weight_init is 'Uniform'; use one of Normal"),
+        ("layer_structure", "[2,1]", r"'hypernetwork\.layer_structure' is \[2\.0, 1\.0\]; it must start and end with 1"),
+        ("activation", "prelu", r"'hypernetwork\.activation' is 'prelu'"),
+        ("dropout_structure", "[0,0.3]", r"'hypernetwork\.dropout_structure' is \[0\.0, 0\.3\]; it needs one probability per"),
+        ("weight_init", "Uniform", r"'hypernetwork\.weight_init' is 'Uniform'; use one of Normal"),
     ],
 )
-def test_bad_structure_is_named_by_its_recipe_key(tiny, tmp_path, key, value, message):
+def test_bad_structure_is_named_by_its_recipe_key(tmp_path, key, value, message):
+    # Refused when the recipe is read, before any model is loaded.
     with pytest.raises(UserError, match=message):
-        HypernetworkMethod(_recipe(tmp_path, {key: value}), tiny).setup()
+        _recipe(tmp_path, {key: value})
 
 
 # --- training ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import fast_overrides
+from tests.conftest import draw, fast_overrides
 from trainer.formats.safetensors_file import read_metadata
 from trainer.loop import train
 from trainer.recipe import load_recipe
@@ -77,33 +77,33 @@ def _pipeline(model_dir):
     return pipe
 
 
-def _image(pipe, **kwargs) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    return pipe("sls frog", num_inference_steps=4, height=64, width=64, generator=generator, output_type="np", **kwargs).images[0]
-
-
 def test_diffusers_loads_kohya_file_and_it_changes_the_image(lora_run, tmp_path):
     from trainer.models.loading import load_base_model, save_diffusers_folder
 
     _, result = lora_run
     save_diffusers_folder(load_base_model("tiny"), tmp_path / "tiny")
     pipe = _pipeline(tmp_path / "tiny")
-    before = _image(pipe)
+    before = draw(pipe)
     pipe.load_lora_weights(str(result.output_dir), weight_name="sls_frog.safetensors", adapter_name="sls")
-    after = _image(pipe)
+    after = draw(pipe)
     assert np.abs(after - before).max() > 1e-3
     pipe.set_adapters(["sls"], adapter_weights=[0.0])
-    np.testing.assert_allclose(_image(pipe), before, atol=1e-5)
+    np.testing.assert_allclose(draw(pipe), before, atol=1e-5)
 
 
 def test_diffusers_format_export_loads(lora_run, tmp_path):
+    """The peft layout, saved in output.save_dtype fp16, loads into a plainly loaded float32 pipeline and changes its image."""
+    from diffusers import StableDiffusionPipeline
+
     from trainer.models.loading import load_base_model, save_diffusers_folder
 
     _, result = lora_run
     directory = result.output_dir / "sls_frog_diffusers"
-    assert (directory / "pytorch_lora_weights.safetensors").is_file()
+    tensors = load_file(directory / "pytorch_lora_weights.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
+    assert any(key.startswith("unet.") for key in tensors) and any(key.startswith("text_encoder.") for key in tensors)
     save_diffusers_folder(load_base_model("tiny"), tmp_path / "tiny")
-    pipe = _pipeline(tmp_path / "tiny")
-    before = _image(pipe)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny")
+    before = draw(pipe)
     pipe.load_lora_weights(str(directory))
-    assert np.abs(_image(pipe) - before).max() > 1e-3
+    assert np.abs(draw(pipe) - before).max() > 1e-3

@@ -2,7 +2,7 @@
 
 The weight change is rebuilt from the saved tensors by ``ui_weight`` below, written from
 AUTOMATIC1111 (extensions-builtin/Lora/network_*.py) and ComfyUI (comfy/weight_adapter/*.py) as
-summarised in shared/reference/formats.md sections 1.2, 2.1 and 2.3, independently of
+described in docs/formats.md#lycoris-tensors-per-algorithm and docs/formats.md#dora-magnitude, independently of
 trainer/formats/lycoris.py. The trained adapter's effective change is observed through its own
 forward pass: adapter(x) - base(x) must equal op(x, W' - W0) (+ b' - b0) for random x, which for
 Linear and Conv2d layers pins down W' exactly.
@@ -60,7 +60,7 @@ def _recipe(variant: str, out):
     return load_recipe(REPO / "recipes" / recipe_file, fast_overrides(out, **common, **overrides))
 
 
-# --- what AUTOMATIC1111 and ComfyUI compute (formats.md 1.2, 2.1, 2.3) ------------------------------
+# --- what AUTOMATIC1111 and ComfyUI compute (docs/formats.md#lycoris) -----------------------------------
 
 
 def _cp(core, w_a, w_b):
@@ -72,7 +72,7 @@ def _cp(core, w_a, w_b):
 def ui_updown(t: dict, weight: torch.Tensor) -> torch.Tensor:
     """The weight change at strength 1 before DoRA (A1111 calc_updown + finalize_updown's scale)."""
     alpha = t["alpha"].item() if "alpha" in t else None
-    if "lora_down.weight" in t:  # network_lora.py; Tucker: einsum of formats.md 1.2
+    if "lora_down.weight" in t:  # network_lora.py; Tucker: docs/formats.md#lora-tensors-and-scale
         down, up = t["lora_down.weight"], t["lora_up.weight"]
         if "lora_mid.weight" in t:
             updown = torch.einsum("n m k l, i n, m j -> i j k l", t["lora_mid.weight"], up.flatten(1), down.flatten(1))
@@ -368,12 +368,12 @@ def test_lokr_factorization_matches_lycoris():
     [
         ("lycoris.algo=lorra", r"'lycoris\.algo' is 'lorra'"),
         ("lycoris.preset=everything", r"'lycoris\.preset' is 'everything'"),
-        ("lycoris.rank_dropout=0.5", r"'lycoris\.rank_dropout' is 0\.5, but algo ia3"),
-        ("lycoris.use_tucker=true", r"'lycoris\.use_tucker' is true, but algo ia3"),
+        ("lycoris.rank_dropout=0.5", r"'lycoris\.rank_dropout' is 0\.5; algo ia3 has no low-rank branch"),
+        ("lycoris.use_tucker=true", r"'lycoris\.use_tucker' is true; algo ia3 has no rank"),
         ("lycoris.algo=loha lycoris.alpha=0", r"'lycoris\.alpha' is 0\.0"),
     ],
 )
-def test_bad_settings_name_the_key(override, message, tiny):
-    recipe = load_recipe(REPO / "recipes" / "lycoris_ia3.yaml", override.split())
+def test_bad_settings_name_the_key(override, message):
+    # Refused when the recipe is read, before any model is loaded.
     with pytest.raises(UserError, match=message):
-        LycorisMethod(recipe, copy.deepcopy(tiny)).setup()
+        load_recipe(REPO / "recipes" / "lycoris_ia3.yaml", override.split())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, fast_overrides
+from tests.conftest import REPO, draw, fast_overrides
 from trainer import diffusion, loop
 from trainer.data import TrainingData
 from trainer.errors import UserError
@@ -64,9 +64,10 @@ def tiny_folder(tmp_path_factory):
 
 
 def _pipeline(folder):
+    """The folder loaded as diffusers' docs load one: no dtype, no other option."""
     from diffusers import StableDiffusionPipeline
 
-    return StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    return StableDiffusionPipeline.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "prodigy"])
@@ -124,6 +125,21 @@ def test_diffusers_loads_each_format_with_the_trained_vectors(ti_run, tiny_folde
         from_pipeline, _ = pipe.encode_prompt("a photo of sls_frog", "cpu", 1, False)
         from_training = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["a photo of sls_frog sls_frog_1"], 1, torch.device("cpu"))
     torch.testing.assert_close(from_pipeline, from_training, rtol=0, atol=1e-6)
+    draw(pipe, "a photo of sls_frog")
+
+
+def test_half_diffusers_embedding_loads_into_a_plainly_loaded_pipeline(tmp_path, tiny_folder):
+    """output.save_dtype fp16: the float32 text encoder takes the vectors (rounded once) and the pipeline draws the word."""
+    recipe = _recipe(tmp_path, **{"train.max_steps": 2, "output.save_dtype": "fp16", "output.formats": "[diffusers]"})
+    result, model = _train_keeping_model(recipe)
+    (path,) = result.artifacts
+    assert read_embedding(path).vectors.dtype == torch.float16
+    pipe = _pipeline(tiny_folder)
+    pipe.load_textual_inversion(str(path.parent))
+    assert pipe.text_encoder.dtype == torch.float32
+    ids = pipe.tokenizer.convert_tokens_to_ids(TOKENS)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids], _trained_vectors(model).half().float())
+    draw(pipe, "a photo of sls_frog")
 
 
 # The globals AUTOMATIC1111's safe unpickler (modules/safe.py) allows that a tensor dictionary can use.

@@ -3,6 +3,7 @@ that `model.base: toy` loads, and a LoRA fine-tune that measurably teaches "sls 
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +15,6 @@ from trainer.errors import UserError
 from trainer.toyworld import pretrain, world
 from trainer.toyworld.evaluate import EvalSettings, Rate, change_interval, draw_samples, evaluate_concept, load_trained_model
 from trainer.toyworld.judge import JudgeTraining, accuracy, judge_pixels, train_judge
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    """Each test run materialises the shipped toy base in its own cache, never in the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SDTRAIN_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 def _pixels(pictures):
@@ -65,6 +58,7 @@ def test_shipped_judge_beats_chance_by_a_wide_margin():
     assert result.sls_recall > 0.9 and result.sls_false_alarm < 0.05  # decoy frogs are not sls frogs
 
 
+@pytest.mark.statistical
 def test_a_briefly_trained_judge_beats_chance():
     pictures = world.pictures(world.JUDGE_TRAIN, 1500)
     judge = train_judge(_pixels(pictures), pictures, JudgeTraining(steps=60, batch_size=64), log=lambda _: None)
@@ -115,6 +109,7 @@ def test_eval_refuses_a_run_on_another_base(tmp_path):
         evaluate_concept(tmp_path)
 
 
+@pytest.mark.statistical
 def test_lora_on_the_toy_base_teaches_sls_frog(tmp_path):
     from trainer.loop import train
     from trainer.recipe import load_recipe
@@ -144,6 +139,7 @@ def _train_toy(recipe_name: str, output, *overrides: str):
 
 
 QUICK_EVAL = EvalSettings(samples_per_prompt=2, steps=4, drift_prompts=("an orange square",))
+QUICK_BENCH_METHODS = ("textual_inversion", "hypernetwork")
 
 
 def test_eval_concept_reads_textual_inversion_in_every_format(tmp_path):
@@ -161,26 +157,35 @@ def test_eval_concept_reads_textual_inversion_in_every_format(tmp_path):
         assert {"sls_frog", "sls_frog_1"} <= set(trained.model.tokenizer.get_vocab())
 
 
-def test_eval_concept_reads_a_hypernetwork_as_pt_and_safetensors(tmp_path):
-    _train_toy("sls_frog_hypernetwork.yaml", tmp_path / "run")
-    from_folder = evaluate_concept(tmp_path / "run", settings=QUICK_EVAL)
-    from_pickle = evaluate_concept(tmp_path / "run" / "sls_frog_toy.pt", tmp_path / "pt_eval", settings=QUICK_EVAL)
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory) -> tuple[Path, str]:
+    """`sdtrain toyworld bench` of Textual Inversion and the hypernetwork, 2 steps each, quickly evaluated:
+    its output folder and its table. Each run is its recipe as shipped with train.max_steps=2."""
+    from trainer.toyworld.bench import toyworld_bench
+
+    root = tmp_path_factory.mktemp("toy_bench")
+    return root, toyworld_bench(root, QUICK_EVAL, methods=list(QUICK_BENCH_METHODS), log=lambda _: None, train_steps=2)
+
+
+def test_eval_concept_reads_a_hypernetwork_as_pt_and_safetensors(quick_bench, tmp_path):
+    run = quick_bench[0] / "sls_frog_hypernetwork"
+    from_folder = evaluate_concept(run, tmp_path / "folder_eval", settings=QUICK_EVAL)
+    from_pickle = evaluate_concept(run / "sls_frog_toy.pt", tmp_path / "pt_eval", settings=QUICK_EVAL)
     assert "hypernetwork" in from_folder.artifact and from_folder.artifact.endswith("sls_frog_toy.safetensors)")
     # The two files hold the same weights: the trained model draws the same pictures from either.
     assert from_folder.as_dict()["trained"] == from_pickle.as_dict()["trained"]
-    model = load_trained_model(tmp_path / "run", pretrain.toy_base_dir()).model
+    model = load_trained_model(run, pretrain.toy_base_dir()).model
     assert hasattr(model.unet, "hypernetwork")
 
 
-def test_bench_table_has_one_row_per_run(tmp_path):
-    from trainer.toyworld.bench import bench_runs, toyworld_bench
+def test_bench_table_has_one_row_per_run(quick_bench):
+    from trainer.toyworld.bench import bench_runs
 
-    methods = ["textual_inversion", "hypernetwork"]
-    table = toyworld_bench(tmp_path, samples=2, methods=methods, log=lambda _: None, train_steps=2)
-    runs = bench_runs(tmp_path, methods, train_steps=2)
+    root, table = quick_bench
+    runs = bench_runs(root, list(QUICK_BENCH_METHODS), train_steps=2)
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["base", *(run.name for run in runs)]
-    assert len(runs) == 2 and (tmp_path / "bench.md").read_text().strip() == table
+    assert len(runs) == 2 and (root / "bench.md").read_text().strip() == table
 
 
 def test_bench_runs_prior_preservation_both_ways_where_it_applies(tmp_path):
@@ -193,6 +198,7 @@ def test_bench_runs_prior_preservation_both_ways_where_it_applies(tmp_path):
     assert len(output_dirs) == len(runs)  # every run has its own output folder
 
 
+@pytest.mark.statistical
 def test_prior_preservation_keeps_a_frog_a_frog(tmp_path):
     # Two DreamBooth runs on the toy base (about a minute each on 2 cores): the DreamBooth paper's second claim.
     from trainer.loop import train

@@ -77,16 +77,28 @@ def test_noise_offset_shifts_whole_channels():
     assert channel_means.std() > 0.5
 
 
-def test_clip_skip_takes_the_penultimate_layer_through_the_final_norm():
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_clip_skip_encodes_prompts_as_diffusers_does(clip_skip, monkeypatch):
+    # The oracle is diffusers' own prompt encoding. It counts layers skipped after the last one, so sdtrain's
+    # (and A1111's and kohya's) model.clip_skip = n is diffusers' clip_skip = n - 1, and 1 is diffusers' None.
+    from diffusers import StableDiffusionPipeline
+
     from trainer.models.loading import load_base_model
 
     model = load_base_model("tiny")
-    ids = model.tokenizer(["sls frog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    if not hasattr(model.text_encoder, "text_model"):
+        # diffusers 0.42 reaches the final norm through `.text_model`, a level transformers 5 removed from CLIPTextModel.
+        monkeypatch.setattr(type(model.text_encoder), "text_model", property(lambda encoder: encoder), raising=False)
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet, scheduler=model.noise_scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    assert clip_skip <= model.text_encoder.config.num_hidden_layers  # each case picks a layer's output, not the embeddings
     with torch.no_grad():
-        hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states
-        expected = diffusion.final_layer_norm(model.text_encoder)(hidden[-2])
-        got = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["sls frog"], 2, torch.device("cpu"))
-    torch.testing.assert_close(got, expected)
+        expected, _ = pipe.encode_prompt("sls frog", torch.device("cpu"), 1, False, clip_skip=clip_skip - 1 or None)
+        got = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["sls frog"], clip_skip, torch.device("cpu"))
+    # The same modules run on the same token ids in the same order: bit-identical, not merely close.
+    assert torch.equal(got, expected)
 
 
 def test_samples_carry_prompt_and_seed_and_logs_are_written(tmp_path):

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.examples import example_path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = REPO / "recipes" / "sls_frog_lora.yaml"
-BENCH_IMAGE = REPO / "datasets" / "sls_frog" / "10_sls frog" / "01.png"
+# The folder that holds the ``trainer`` package: the source checkout, or site-packages.
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = example_path("recipes", "sls_frog_lora.yaml")
+BENCH_IMAGE = example_path("datasets", "sls_frog", "10_sls frog", "01.png")
 COLUMNS = ("model", "resolution", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory")
 # Buckets come in steps of 64 px: other resolutions would train at a smaller size than the table says.
 RESOLUTION_STEP = 64
@@ -111,7 +113,7 @@ def measure(config: Configuration) -> Measurement:
 def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurement | str:
     """The Measurement, or why the process failed (its last lines of output)."""
     # The child imports this very package, and stays in the caller's folder so relative model paths work.
-    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    python_path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.run(
         [sys.executable, "-m", "trainer.bench", "--one", json.dumps(asdict(config)), str(result_path)],
@@ -128,7 +130,10 @@ def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurem
 def _bench_dataset(directory: Path, batch_size: int) -> Path:
     """A kohya folder holding one image (and its caption) with ``batch_size`` repeats: one batch per epoch."""
     if not BENCH_IMAGE.is_file():
-        raise UserError(f"sdtrain bench trains on '{BENCH_IMAGE}', which is missing. Run it from a source checkout of sdtrain.")
+        raise UserError(
+            f"sdtrain bench trains on '{BENCH_IMAGE}', which is missing: this copy of sdtrain lacks its example datasets. "
+            "Reinstall sdtrain from a wheel or a source checkout (both carry datasets/)."
+        )
     subset = directory / f"{batch_size}_sls frog"
     subset.mkdir(parents=True)
     for source in (BENCH_IMAGE, BENCH_IMAGE.with_suffix(".txt")):

@@ -8,8 +8,10 @@ A checkpoint is a folder ``{output.dir}/checkpoints/step-00000010/`` holding
 - ``state.json``             step, data position, LR scheduler, Python/numpy RNG, recipe
 
 No pickles: tensors go to safetensors, everything else to JSON. The folder is assembled under a
-hidden temporary name and renamed in one step, so a crash leaves either no checkpoint or a
-complete one; ``latest`` only considers complete folders.
+hidden temporary name and then put in place, so a crash leaves either no checkpoint or a complete
+one; ``latest`` only considers complete folders named ``step-NNNNNNNN`` (never the hidden ones). A
+run resumed from an earlier checkpoint rewrites the later ones as it reaches them: the new folder is
+swapped in for the old (``trainer.atomic.replaced_directory``), so the step is never without one.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.atomic import staged_directory
+from trainer.atomic import replaced_directory
 from trainer.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 FORMAT_VERSION = 1
+# Optimizer values the recipe sets per parameter group that a resume may change ("initial_lr" is the
+# group's learning rate before the schedule's factor).
+_RECIPE_GROUP_KEYS = ("initial_lr", "weight_decay")
 
 
 @dataclass
@@ -92,8 +97,10 @@ def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, keep: int) -> Path:
-    """Write a complete checkpoint atomically, then drop the oldest beyond ``keep``."""
+def save_checkpoint(
+    output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, source_fingerprint: str, keep: int
+) -> Path:
+    """Write a complete checkpoint atomically, then drop the oldest beyond ``keep`` (see ``_rotate``)."""
     target = checkpoint_dir(output_dir, progress.step)
     optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_plain = _rng_state()
@@ -103,19 +110,22 @@ def save_checkpoint(output_dir: Path, progress: Progress, method, optimizer, lr_
         "method": recipe["method"],
         "recipe": recipe,
         "data_fingerprint": data_fingerprint,
+        # The data as the recipe reads it, before the method adds to it: a resume compares it before
+        # loading the model (trainer.resume).
+        "data_source_fingerprint": source_fingerprint,
         "optimizer": optimizer_plain,
         "lr_scheduler": lr_scheduler.state_dict(),
         "rng": rng_plain,
         # CPU results are bit-identical only with the same thread count (float sums split by thread).
         "cpu_threads": torch.get_num_threads(),
     }
-    with staged_directory(target) as tmp:
+    with replaced_directory(target) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}, tmp / "trainable.safetensors")
         save_file(optimizer_tensors, tmp / "optimizer.safetensors")
         save_file(rng_tensors, tmp / "rng.safetensors")
         # state.json last: its presence is what marks the folder's content complete.
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _rotate(Path(output_dir) / "checkpoints", keep)
+    _rotate(Path(output_dir) / "checkpoints", keep, progress.step)
     return target
 
 
@@ -129,15 +139,25 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rotate(root: Path, keep: int) -> None:
+def _rotate(root: Path, keep: int, step: int) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (0 = all).
+
+    Later ones are left alone: they are from before a resume from an earlier checkpoint, and the run
+    replaces each when it reaches its step. Counting them would delete the checkpoint just written.
+    """
     if keep <= 0:
         return
-    for _, old in _complete_checkpoints(root)[:-keep]:
+    for _, old in [found for found in _complete_checkpoints(root) if found[0] <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of the run in ``output_dir``, oldest first."""
+    return _complete_checkpoints(Path(output_dir) / "checkpoints")
+
+
 def latest_complete(output_dir: Path) -> Path | None:
-    found = _complete_checkpoints(Path(output_dir) / "checkpoints")
+    found = complete_checkpoints(output_dir)
     return found[-1][1] if found else None
 
 
@@ -167,10 +187,22 @@ class Checkpoint:
         return Progress(**self.state["progress"])
 
     def restore(self, method, optimizer, lr_scheduler) -> None:
+        """Load the trained tensors, optimizer, schedule and RNGs, keeping the recipe's learning rates and
+        weight decay: loading brings back the checkpoint's, and a resume may change them (trainer.resume).
+        Unchanged, they are the same values, so the resumed run stays exact."""
+        recipe_values = [{key: group[key] for key in _RECIPE_GROUP_KEYS if key in group} for group in optimizer.param_groups]
         method.load_trainable_state_dict(load_file(self.path / "trainable.safetensors"))
         optimizer.load_state_dict(_unflatten_optimizer(load_file(self.path / "optimizer.safetensors"), self.state["optimizer"]))
         lr_scheduler.load_state_dict(self.state["lr_scheduler"])
         _restore_rng(load_file(self.path / "rng.safetensors"), self.state["rng"])
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+        for group, values in zip(optimizer.param_groups, recipe_values):
+            group.update(values)
+        # Every diffusers schedule is a LambdaLR: lr = base lr * factor(step), the base being the recipe's.
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from trainer.loop import train
 
-    train(recipe, resume=args.resume, show_progress=not args.quiet)
+    train(recipe, resume=args.resume, show_progress=not args.quiet, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
     return 0
 
 
@@ -35,9 +35,13 @@ def _base(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.data.inspect import inspect_report
+    from trainer.data.inspect import inspect_data
 
-    print(inspect_report(args.target, resolution=args.resolution))
+    inspection = inspect_data(args.target, resolution=args.resolution)
+    # Flushed: the refusal goes to stderr and must come after the whole report, also when both are piped.
+    print(inspection.report, flush=True)
+    if inspection.refusal:
+        raise UserError(inspection.refusal)
     return 0
 
 
@@ -64,8 +68,9 @@ def _toyworld_build(args: argparse.Namespace) -> int:
 
 def _toyworld_bench(args: argparse.Namespace) -> int:
     from trainer.toyworld.bench import toyworld_bench
+    from trainer.toyworld.evaluate import EvalSettings
 
-    print(toyworld_bench(Path(args.out), samples=args.samples))
+    print(toyworld_bench(Path(args.out), EvalSettings(samples_per_prompt=args.samples)))
     return 0
 
 
@@ -96,13 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="path of a YAML recipe, e.g. recipes/sls_frog_lora.yaml")
     train.add_argument("overrides", nargs="*", help="recipe overrides such as train.max_steps=50 output.dir=/tmp/x")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoint folder under {output.dir}/checkpoints")
+    train.add_argument(
+        "--overwrite", action="store_true", help="output.dir holds an earlier run: move its files into <output.dir>.replaced-<date>-<time> and train anew"
+    )
+    train.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the training data changed since the checkpoint")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
 
     base = commands.add_parser("base", parents=[common], help="write a built-in base model as a diffusers folder")
     base.add_argument("name", help="'tiny' (SD1), 'tiny-sdxl' or 'toy'")
-    base.add_argument("directory")
+    base.add_argument("directory", help="a new or empty folder")
     base.set_defaults(run=_base)
 
     data = commands.add_parser("data", help="look at a dataset before training")
@@ -127,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     toyworld = commands.add_parser("toyworld", help="the toy world: a base model that knows shapes and frogs")
     toyworld_commands = toyworld.add_subparsers(dest="toyworld_command", required=True)
     build = toyworld_commands.add_parser("build", parents=[common], help="draw the world and pretrain the toy base and its judge (~20 min on 2 CPU cores)")
-    build.add_argument("directory", nargs="?", help="where to write it (default: the per-user cache that model.base: toy reads)")
+    build.add_argument("directory", nargs="?", help="a new or empty folder to write it to (default: the per-user cache that model.base: toy reads)")
     build.set_defaults(run=_toyworld_build)
     toy_bench = toyworld_commands.add_parser("bench", parents=[common], help="train every toy recipe (± prior preservation) and evaluate each: one table")
     toy_bench.add_argument("--out", default="output/toyworld_bench", help="where runs and the table go (default output/toyworld_bench)")

@@ -22,6 +22,9 @@ SINGLE_FILE_SUFFIX = ".safetensors"
 def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None = None) -> Path:
     """Write the model at ``src`` to ``dst`` with floating-point weights in ``dtype`` (fp32, fp16, bf16).
 
+    A diffusers folder keeps float32 main files whatever ``dtype`` says, so that a plain ``from_pretrained``
+    works, and holds fp16/bf16 as the diffusers variant of that name beside them (docs/formats.md).
+
     ``config``: for a single-file ``src`` that is not SD1.5/SD2.1-shaped, a diffusers folder whose
     configs describe it. Returns ``dst``. Refuses to overwrite anything.
     """
@@ -41,7 +44,5 @@ def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None 
         raise UserError(f"Convert: {err} (For sdtrain convert, model.base is the source and model.config the --config option.)") from None
     if dst.suffix.lower() == SINGLE_FILE_SUFFIX:
         return save_single_file(model, dst, dtype=DTYPES[dtype], title=dst.stem)
-    for part in model.parts().values():
-        part.to(DTYPES[dtype])
-    save_diffusers_folder(model, dst)
+    save_diffusers_folder(model, dst, dtype)
     return dst

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from trainer import diffusion
 from trainer.atomic import write_text
-from trainer.checkpoint import Progress, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
@@ -25,7 +25,9 @@ from trainer.methods.base import ExportContext, TrainingBatch
 from trainer.models.loading import load_recipe_model, locate_base
 from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml
+from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml, validate_recipe
+from trainer.resume import check_resume, flatten
+from trainer.run_folder import earlier_run, move_aside, refuse_earlier_run
 
 
 class TrainingDiverged(UserError):
@@ -45,26 +47,18 @@ class TrainResult:
 
 
 def _mixed_precision(setting: str) -> str:
-    if setting not in ("auto", "no", "fp16", "bf16"):
-        raise UserError(f"Recipe key 'train.mixed_precision' is '{setting}'; use auto, no, fp16 or bf16.")
+    """train.mixed_precision on this machine: "auto" resolved, fp16/bf16 refused without a GPU.
+
+    The one setting checked here rather than in validate_recipe: a recipe is valid on every machine,
+    whether this one can run it is decided where it runs.
+    """
     if setting != "auto":
         if setting != "no" and not torch.cuda.is_available():
-            raise UserError(f"train.mixed_precision={setting} needs a CUDA GPU; on CPU use 'auto' or 'no' (fp32).")
+            raise UserError(f"Recipe key 'train.mixed_precision' is '{setting}', which needs a CUDA GPU; on CPU use 'auto' or 'no' (fp32).")
         return setting
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def _check_recipe(recipe: Recipe) -> None:
-    train = recipe.train
-    for key, value in (("train.max_steps", train.max_steps), ("train.batch_size", train.batch_size), ("train.gradient_accumulation_steps", train.gradient_accumulation_steps)):
-        if value < 1:
-            raise UserError(f"Recipe key '{key}' is {value}; it must be at least 1.")
-    if recipe.data.cache_latents not in ("none", "memory", "disk"):
-        raise UserError(f"Recipe key 'data.cache_latents' is '{recipe.data.cache_latents}'; use none, memory or disk.")
-    if recipe.sample.every_steps and not recipe.sample.prompts:
-        raise UserError("Recipe key 'sample.every_steps' is set but 'sample.prompts' is empty. Add prompts or set sample.every_steps=0.")
 
 
 def _check_fits_model(recipe: Recipe, model) -> None:
@@ -111,22 +105,51 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     return trainable
 
 
-def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
+    later = [path.name for found, path in complete_checkpoints(output_dir) if found > step]
+    if later:
+        print(
+            f"note: resuming from step {step} while later checkpoints exist ({', '.join(later)}); this run replaces each "
+            "when it reaches its step, and until then --resume latest would pick them."
+        )
+
+
+def _data_changed(checkpoint, data, allow_data_change: bool) -> None:
+    """The data as the method trains on it (e.g. with DreamBooth's class images) against the checkpoint's."""
+    if checkpoint.state["data_fingerprint"] == data.fingerprint:
+        return
+    step = checkpoint.progress.step
+    if not allow_data_change:
+        raise UserError(
+            f"The training data changed since '{checkpoint.path}' was written (images, captions, class images or how they "
+            "are read), so resuming would not continue the same run. Restore the data, or pass --allow-data-change to "
+            f"continue on the changed data (steps after {step} then train on it)."
+        )
+    print(f"warning: the training data changed since the checkpoint; steps after {step} train on the new data, so the result will differ from an uninterrupted run.")
+
+
+def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False) -> TrainResult:
+    """Train ``recipe``; ``resume`` continues a checkpoint ('latest' or a folder).
+
+    Without ``resume`` an earlier run in output.dir is refused, or with ``overwrite`` moved aside
+    (trainer.run_folder). With it, recipe changes are checked against the checkpoint's (trainer.resume);
+    ``allow_data_change`` lets a resume continue on changed data.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from trainer.data import LatentCache, TextCache, TrainingData, module_fingerprint, vae_fingerprint
 
-    _check_recipe(recipe)
+    # Recipes built in code (tests, the bench) did not pass through load_recipe.
+    validate_recipe(recipe)
     cfg = recipe.train
+    mixed_precision = _mixed_precision(cfg.mixed_precision)
     output_dir = Path(recipe.output.dir)
     method_cls = method_class(recipe.method)
-    checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
-    if checkpoint and checkpoint.state["method"] != recipe.method:
-        raise UserError(f"Checkpoint '{checkpoint.path}' was made by method '{checkpoint.state['method']}', the recipe says '{recipe.method}'. Resume with the same method.")
+    # The base is located (its family told) before anything else reads the recipe: the family fills what
+    # the recipe leaves to it, in the recipe itself, so checkpoints, resume checks and recipe.yaml agree.
     source = locate_base(recipe.model.base, recipe.model.family, recipe.model.allow_unsafe_pickle)
     if recipe.data.resolution is None:
-        # Resolved in the recipe itself, so every reader and the saved recipe.yaml agree.
         recipe.data.resolution = source.family.default_resolution
     training_key = method_cls.text_encoder_training_key(recipe)
     if recipe.data.cache_text_encoder_outputs != "none" and training_key:
@@ -134,12 +157,26 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
             f"Recipe key 'data.cache_text_encoder_outputs' is '{recipe.data.cache_text_encoder_outputs}', but {training_key} trains a "
             "text encoder, whose outputs change every step. Set data.cache_text_encoder_outputs=none, or stop training the text encoder."
         )
+    recipe_dict = recipe_to_dict(recipe)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in output.dir and --overwrite moves it aside: pass one of them.")
+    earlier = [] if resume else earlier_run(output_dir, recipe_dict)
+    if earlier and not overwrite:
+        raise refuse_earlier_run(output_dir, earlier)
+    checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
 
     data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
         print(f"warning: {warning}")
+    source_fingerprint = data.fingerprint
+    data_change_reported = False
+    if checkpoint:
+        resume_check = check_resume(checkpoint, recipe_dict, source_fingerprint, allow_data_change)
+        for warning in resume_check.warnings:
+            print(f"warning: {warning}")
+        data_change_reported = resume_check.data_changed is True
+        _announce_later_checkpoints(output_dir, checkpoint.progress.step)
 
-    mixed_precision = _mixed_precision(cfg.mixed_precision)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with="tensorboard" if recipe.output.tensorboard else None,
@@ -153,8 +190,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     method = method_cls(recipe, model)
     device = accelerator.device
     data = method.prepare_data(data, device)
-    if checkpoint and checkpoint.state["data_fingerprint"] != data.fingerprint:
-        print("warning: the data changed since the checkpoint was written; the resumed run will not match an uninterrupted one.")
+    if checkpoint and not data_change_reported:
+        _data_changed(checkpoint, data, allow_data_change)
     method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
     optimizer = build_optimizer(method.param_groups(), cfg)
@@ -183,11 +220,12 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
         with torch.no_grad():
             return model.encode_latents(pixels.to(device))
 
+    if earlier:
+        print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
-    recipe_dict = recipe_to_dict(recipe)
     if recipe.output.tensorboard:
-        accelerator.init_trackers("sdtrain", config={k: v for k, v in _flat(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
@@ -197,7 +235,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     started = step_started = time.perf_counter()
 
     def save() -> None:
-        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, cfg.keep_checkpoints)
+        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints)
         result.checkpoints.append(path)
 
     def sample() -> None:
@@ -269,13 +307,3 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True)
     for path in result.artifacts:
         print(f"Wrote {path}")
     return result
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -2,12 +2,15 @@
 
 Every key a recipe may hold is declared here, with its type and default, so a misspelled key or a
 wrong type is caught before anything runs, and named by its dotted path with the closest valid key.
-The method sections (``lora``, ...) are declared by the method modules themselves.
+Then every value is checked (``validate_recipe``), so a value that cannot train is refused before a
+model or an image is loaded. The method sections (``lora``, ...) are declared, and their values
+checked, by the method modules themselves.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,13 +19,21 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from trainer.checks import broken, is_learning_rate, one_of, seed_rule
 from trainer.errors import UserError
-from trainer.methods import check_method_name
+from trainer.families import AUTO, FAMILIES
+from trainer.methods import check_method_name, section_problems
 from trainer.methods.dreambooth.config import DreamBoothConfig
 from trainer.methods.hypernetwork.config import HypernetworkConfig
 from trainer.methods.lora.config import LoraConfig
 from trainer.methods.lycoris.config import LycorisConfig
 from trainer.methods.textual_inversion.config import TextualInversionConfig
+
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+FAMILY_NAMES = (AUTO, *FAMILIES)
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+# output.name becomes a file name: Windows refuses these characters in one, and '/' or '\' would leave output.dir.
+_NOT_IN_FILE_NAMES = set('<>:"/\\|?*')
 
 
 @dataclass
@@ -198,17 +209,26 @@ def _explain(error: OmegaConfBaseException, schema: DictConfig, source: str) -> 
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"Recipe file '{path}' does not exist. Pass the path of a YAML recipe, e.g. recipes/sls_frog_lora.yaml.")
+    example = "e.g. recipes/sls_frog_lora.yaml"
+    if path.is_dir():
+        raise UserError(f"Recipe '{path}' is a folder. Pass the path of a YAML recipe file, {example}.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"Recipe file '{path}' does not exist. Pass the path of a YAML recipe, {example}.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"Recipe '{path}' is not UTF-8 text. Re-save it as UTF-8, or pass a YAML recipe, {example}.") from None
+    except OSError as err:
+        raise UserError(f"Recipe '{path}' cannot be read ({err.strerror}). Check its permissions, or pass another recipe.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"Recipe '{path}' is not valid YAML{where}: {problem}. Check indentation and quoting there.") from None
     if data is None:
-        data = {}
+        raise UserError(f"Recipe '{path}' is empty. A recipe needs at least 'method: lora' (or another method); see {example}.")
     if not isinstance(data, dict):
         raise UserError(f"Recipe '{path}' must be a YAML mapping of keys (method:, model:, data:, ...), not a {type(data).__name__}.")
     return data
@@ -236,12 +256,118 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Recipe:
             raise _explain(err, schema, source) from None
     if OmegaConf.is_missing(merged, "method"):
         raise UserError(f"{path}: the recipe has no 'method' key. Add e.g. 'method: lora' at the top.")
-    check_method_name(merged.method)
     for index, subset in enumerate(merged.data.subsets):
         if OmegaConf.is_missing(subset, "dir"):
             raise UserError(f"{path}: data.subsets[{index}] has no 'dir'. Give each subset the folder of its images.")
     recipe: Recipe = OmegaConf.to_object(merged)
+    validate_recipe(recipe)
     return recipe
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Refuse, in one UserError listing them all, every value that cannot train.
+
+    Covers the shared sections and the section of the recipe's method (the others are unused), with
+    nothing loaded yet: no model, no image. What depends on the model (a placeholder the tokenizer
+    knows) is checked by the method, and what depends on the machine (fp16 without a GPU) by the loop.
+    """
+    check_method_name(recipe.method)
+    problems = [
+        *_model_problems(recipe.model),
+        *_data_problems(recipe.data),
+        *_train_problems(recipe.train),
+        *_sample_problems(recipe.sample),
+        *_output_problems(recipe.output),
+        # A method's section is the recipe key named like the method.
+        *section_problems(recipe.method, getattr(recipe, recipe.method)),
+    ]
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        raise UserError(f"The recipe has {len(problems)} values that cannot train:\n" + "\n".join(f"- {problem}" for problem in problems))
+
+
+def _model_problems(cfg: ModelConfig) -> list[str]:
+    return broken("model", cfg, [
+        ("base", bool(cfg.base.strip()), "set it to 'tiny', a diffusers folder, a single-file .safetensors or a hub id in the local cache."),
+        ("prediction_type", cfg.prediction_type in PREDICTION_TYPES, one_of(cfg.prediction_type, PREDICTION_TYPES)),
+        ("clip_skip", cfg.clip_skip >= 1, "it must be at least 1 (1 = the family's own layer: SD1/SD2 the last, SDXL the penultimate; 2 = one further back)."),
+        ("family", cfg.family in FAMILY_NAMES, one_of(cfg.family, FAMILY_NAMES)),
+        ("vae", cfg.vae is None or bool(cfg.vae.strip()), "set it to a diffusers VAE folder or a .safetensors VAE file, or null for the base model's VAE."),
+    ])
+
+
+def _data_problems(cfg: DataConfig) -> list[str]:
+    """The data package's own checks of its settings (``sdtrain data inspect`` reports the same), and the cache mode."""
+    from trainer.data.buckets import BucketPlan
+    from trainer.data.cache import MODES
+    from trainer.data.scan import setting_problems
+
+    from trainer.models.text import MAX_TOKEN_LENGTHS
+
+    problems = BucketPlan(cfg).problems + [problem.message for problem in setting_problems(cfg)]
+    return problems + broken("data", cfg, [
+        ("cache_latents", cfg.cache_latents in MODES, one_of(cfg.cache_latents, MODES)),
+        ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs in MODES, one_of(cfg.cache_text_encoder_outputs, MODES)),
+        ("max_token_length", cfg.max_token_length in MAX_TOKEN_LENGTHS, one_of(cfg.max_token_length, MAX_TOKEN_LENGTHS)),
+    ])
+
+
+def _train_problems(cfg: TrainConfig) -> list[str]:
+    from trainer.optim import LR_SCHEDULERS, OPTIMIZERS
+
+    at_least_one = "it must be at least 1."
+    return broken("train", cfg, [
+        ("max_steps", cfg.max_steps >= 1, at_least_one),
+        ("batch_size", cfg.batch_size >= 1, at_least_one),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, at_least_one),
+        ("lr", is_learning_rate(cfg.lr), "use a positive learning rate (1e-4 is usual for LoRA; for Prodigy a multiplier, usually 1.0)."),
+        ("lr_scheduler", cfg.lr_scheduler in LR_SCHEDULERS, one_of(cfg.lr_scheduler, LR_SCHEDULERS)),
+        ("lr_warmup_steps", cfg.lr_warmup_steps >= 0, "it must be 0 (no warm-up) or a number of steps."),
+        ("optimizer", cfg.optimizer in OPTIMIZERS, one_of(cfg.optimizer, OPTIMIZERS)),
+        ("weight_decay", cfg.weight_decay >= 0, "it must be 0 or more (0.01 is usual)."),
+        ("adam_beta1", 0 <= cfg.adam_beta1 < 1, "it must be in [0, 1) (0.9 is usual)."),
+        ("adam_beta2", 0 <= cfg.adam_beta2 < 1, "it must be in [0, 1) (0.999 is usual)."),
+        ("adam_epsilon", 0 <= cfg.adam_epsilon < math.inf, "it must be 0 or more (1e-8 is usual)."),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, "it must be 0 (no clipping) or more (1.0 is usual)."),
+        seed_rule("seed", cfg.seed),
+        ("mixed_precision", cfg.mixed_precision in MIXED_PRECISIONS, one_of(cfg.mixed_precision, MIXED_PRECISIONS)),
+        ("noise_offset", 0 <= cfg.noise_offset < math.inf, "it must be 0 (off) or more (0.05 to 0.1 is usual)."),
+        ("min_snr_gamma", cfg.min_snr_gamma is None or 0 <= cfg.min_snr_gamma < math.inf, "use null or 0 (off), or a positive gamma (5 is usual)."),
+        ("save_every_steps", cfg.save_every_steps >= 0, "it must be 0 (a checkpoint at the end only) or a number of steps."),
+        ("keep_checkpoints", cfg.keep_checkpoints >= 0, "it must be 0 (keep all) or more."),
+        ("log_every_steps", cfg.log_every_steps >= 1, at_least_one),
+    ])
+
+
+def _sample_problems(cfg: SampleConfig) -> list[str]:
+    # Stable Diffusion pipelines draw only multiples of 8 px.
+    size = "it must be 0 (= data.resolution) or a positive multiple of 8 px."
+    return broken("sample", cfg, [
+        ("every_steps", cfg.every_steps >= 0, "it must be 0 (samples at the end only) or a number of steps."),
+        ("every_steps", not (cfg.every_steps > 0 and not cfg.prompts), "there are no sample.prompts to draw. Add prompts or set sample.every_steps=0."),
+        seed_rule("seed", cfg.seed),
+        ("steps", cfg.steps >= 1, "it must be at least 1 (20 is usual)."),
+        ("guidance_scale", 0 <= cfg.guidance_scale < math.inf, "it must be 0 or more (7 is usual; 1 or less means no guidance)."),
+        ("width", cfg.width == 0 or (cfg.width > 0 and cfg.width % 8 == 0), size),
+        ("height", cfg.height == 0 or (cfg.height > 0 and cfg.height % 8 == 0), size),
+    ])
+
+
+def _output_problems(cfg: OutputConfig) -> list[str]:
+    from trainer.formats.safetensors_file import DTYPES
+
+    return broken("output", cfg, [
+        ("dir", bool(cfg.dir.strip()), "set it to the folder for the run's files, e.g. output/sls_frog."),
+        ("name", is_plain_file_name(cfg.name),
+         "it names the artifact files ({output.dir}/{output.name}.safetensors), so it must be a plain file name: not empty, "
+         "no / or \\, not . or .., no leading dot, none of <>:\"|?* and no control characters. Use e.g. 'sls_frog'."),
+        ("save_dtype", cfg.save_dtype in DTYPES, one_of(cfg.save_dtype, DTYPES)),
+    ])
+
+
+def is_plain_file_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not any(char in _NOT_IN_FILE_NAMES or ord(char) < 32 or ord(char) == 127 for char in name)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -58,7 +58,11 @@ def _cover(image: Size, bucket: Size) -> tuple[Size, tuple[int, int, int, int]]:
 
 
 class BucketPlan:
-    """The bucket rules of one DataConfig, checked. ``problems`` (recipe mistakes) make it unusable."""
+    """The bucket rules of one DataConfig, checked. ``problems`` (recipe mistakes) make it unusable.
+
+    ``data.resolution`` unset (null) is left to the model family, which fills it in before training
+    reads the data; until then only the settings that do not depend on it are checked.
+    """
 
     def __init__(self, cfg: DataConfig):
         buckets = cfg.buckets
@@ -71,18 +75,20 @@ class BucketPlan:
         self.resolutions: list[Size] = []
         self.min_side = cfg.resolution
 
+        step_ok = not self.enabled or (self.step > 0 and self.step % 8 == 0)
+        if not step_ok:
+            self.problems.append(
+                f"data.buckets.step is {self.step}; it must be a positive multiple of 8 (64 is kohya's default, 32 "
+                f"gives more buckets). Fix data.buckets.step."
+            )
+        if cfg.resolution is None:
+            return
         if cfg.resolution <= 0 or cfg.resolution % 8:
             self.problems.append(
                 f"data.resolution is {cfg.resolution}; it must be a positive multiple of 8 (latents are 1/8 of the "
                 f"image size). Use e.g. 512 for SD1, 768 for SD2-768, 1024 for SDXL."
             )
-        if not self.enabled:
-            return
-        if self.step <= 0 or self.step % 8:
-            self.problems.append(
-                f"data.buckets.step is {self.step}; it must be a positive multiple of 8 (64 is kohya's default, 32 "
-                f"gives more buckets). Fix data.buckets.step."
-            )
+        if not self.enabled or not step_ok:
             return
         # Unset sides follow the resolution as kohya's defaults do at 512 (256..1024): half and double.
         min_side = buckets.min_side if buckets.min_side is not None else cfg.resolution // 2

@@ -29,7 +29,7 @@ from trainer.recipe import DataConfig
 
 # Part of every cache key: bump it when the pixel pipeline (resampling, compositing) changes, so latents
 # cached by an older version are not reused for pixels it would no longer produce.
-PIXEL_PIPELINE_VERSION = "p1"
+PIXEL_PIPELINE_VERSION = "p2"
 _MAX_LISTED = 10
 _loader: ThreadPoolExecutor | None = None
 
@@ -55,6 +55,9 @@ def _user_error(fatal: list[Problem]) -> UserError:
 
 def _rgb_on_white(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited on white (black would leak dark fringes into training)."""
+    if image.mode.startswith("I;16"):
+        # 16-bit grey (PNG): PIL's convert clips every value above 255 to white; keep the high byte instead.
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,17 +1,19 @@
 """``sdtrain data inspect PATH_OR_RECIPE``: what training would make of the data, before training.
 
 It runs the same scan as ``TrainingData`` but never stops at a problem: every corrupt or too-small
-image, missing caption and stray file is listed at once, so the user fixes them in one go.
+image, missing caption and stray file is listed at once, so the user fixes them in one go. Its exit
+status says whether training would start (0) or refuse this data (2), so it can gate a training run.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.captions import tag_frequency
 from trainer.data.scan import Item, ScanResult, scan
-from trainer.data.sources import METADATA_NAME, is_image, parse_kohya_folder
+from trainer.data.sources import METADATA_NAME, Problem, is_image, parse_kohya_folder
 from trainer.errors import UserError
 from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
@@ -120,20 +122,36 @@ def _render(title: str, cfg: DataConfig, result: ScanResult, top_tags: int) -> s
     return "\n".join(lines) + "\n"
 
 
-def inspect_report(target: str, *, resolution: int | None = None, top_tags: int = 20) -> str:
+@dataclass(frozen=True)
+class Inspection:
+    """The report, and why training would refuse this data (None: it would start, warnings or not)."""
+
+    report: str
+    refusal: str | None
+
+
+def _refusal(fatal: list[Problem]) -> str | None:
+    """One line: training's verdict on the data, with the first problem that stops it."""
+    if not fatal:
+        return None
+    errors = "1 error" if len(fatal) == 1 else f"{len(fatal)} errors"
+    return f"Training would refuse this data ({errors}, listed under Problems above). The first: {fatal[0].text(max_files=3)}"
+
+
+def inspect_data(target: str, *, resolution: int | None = None, top_tags: int = 20) -> Inspection:
     """The report for a data folder or a recipe YAML. ``resolution`` overrides the recipe's, and
-    defaults to 512 for a folder. Raises UserError only when the target itself cannot be read."""
+    defaults to 512 for a folder. Raises UserError only when the target itself cannot be read (or
+    the recipe has a value that cannot train); problems of the data are in the report."""
     path = Path(target)
     if path.is_dir():
         cfg, how = _folder_config(path, resolution or DEFAULT_RESOLUTION)
         title = f"Data folder {path} ({how})"
     elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        cfg = load_recipe(path).data
-        if resolution:
-            cfg.resolution = resolution
+        cfg = load_recipe(path, [f"data.resolution={resolution}"] if resolution else []).data
         title = f"Data of recipe {path}"
     elif path.exists():
         raise UserError(f"'{target}' is neither a folder nor a .yaml recipe. Pass a data folder or a recipe file to `sdtrain data inspect`.")
     else:
         raise UserError(f"'{target}' does not exist. Pass a data folder or a recipe file to `sdtrain data inspect`.")
-    return _render(title, cfg, scan(cfg), top_tags)
+    result = scan(cfg)
+    return Inspection(_render(title, cfg, result, top_tags), _refusal(result.fatal))

@@ -77,7 +77,8 @@ def _probe_or_problem(path: Path) -> tuple[Size, str] | Problem:
         return Problem(f"Image '{path}' cannot be read ({type(err).__name__}: {err}). Re-export it (e.g. as PNG) or remove it.")
 
 
-def _setting_problems(cfg: DataConfig) -> list[Problem]:
+def setting_problems(cfg: DataConfig) -> list[Problem]:
+    """The caption settings that cannot work (the bucket settings are BucketPlan's); checked when a recipe loads, too."""
     problems = []
     for key in ("caption_dropout", "tag_dropout"):
         value = getattr(cfg, key)
@@ -125,7 +126,7 @@ def scan(cfg: DataConfig) -> ScanResult:
     plan = BucketPlan(cfg)
     problems = [Problem(message) for message in plan.problems]
     problems += [Problem(message, fatal=False) for message in plan.warnings]
-    problems += _setting_problems(cfg)
+    problems += setting_problems(cfg)
     subsets, subset_problems = resolve_subsets(cfg)
     problems += subset_problems
 

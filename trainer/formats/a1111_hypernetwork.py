@@ -1,18 +1,18 @@
 """AUTOMATIC1111's hypernetwork file (``.pt``), and the toolkit's lossless safetensors twin.
 
-The ``.pt`` is a pickled dict (formats.md 4.1, kohya.md 2.5)::
+The ``.pt`` is a pickled dict (docs/formats.md#the-hypernetwork-pt)::
 
     {768: (keys-module state dict, values-module state dict), ...,   # int key = context width
      "step": int, "name": str, "layer_structure": [1.0, 2.0, 1.0], "activation_func": "linear", ...}
 
 written with torch's legacy (non-zip) serialisation: AUTOMATIC1111's pickle checker rejects the
-members torch's zip format now adds (formats.md 3.3), while ``torch.load(weights_only=True)``
-(ComfyUI) reads both. Only dicts, tuples, lists, strings, numbers, booleans, None and tensors go in.
+members torch's zip format now adds (docs/formats.md#pickles-automatic1111-accepts), while
+``torch.load(weights_only=True)`` (ComfyUI) reads both. Only dicts, tuples, lists, strings, numbers, booleans, None and tensors go in.
 
 The safetensors twin holds the same tensors as ``{width}.k.{key}`` / ``{width}.v.{key}`` and the
 rest in the header: the non-tensor entries as JSON (types kept: 1 stays int, 1.0 float) and each
 state dict's key order, which ComfyUI depends on (it rebuilds layers in dict order). No UI reads
-this file (formats.md 4.3); it exists so the weights also travel without a pickle.
+this file (docs/formats.md#the-safetensors-twin); it exists so the weights also travel without a pickle.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def a1111_info(*, name: str, step: int, layer_structure: list[float], activation
     """The non-tensor entries as AUTOMATIC1111's ``Hypernetwork.save`` writes them, for a file without dropout.
 
     Written explicitly, never left to a loader's default: AUTOMATIC1111 and ComfyUI default
-    ``activate_output`` and ``activation_func`` differently (formats.md 4.2). Dropout is training-only;
-    ComfyUI never switches its Dropout modules to eval, so the file says there is none (and the
-    state dicts are numbered without it).
+    ``activate_output`` and ``activation_func`` differently (docs/formats.md#how-comfyui-reads-a-hypernetwork).
+    Dropout is training-only; ComfyUI never switches its Dropout modules to eval, so the file says
+    there is none (and the state dicts are numbered without it).
     """
     return {
         "step": step,

@@ -1,6 +1,6 @@
 """kohya's ``ss_*`` training metadata, which AUTOMATIC1111's Lora tab and Civitai read.
 
-Values are strings; JSON-valued keys are JSON strings (formats.md 6.1, kohya.md 2.2). The flat
+Values are strings; JSON-valued keys are JSON strings (docs/formats.md#training-metadata). The flat
 "legacy" layout is written, as kohya does without a dataset TOML.
 """
 
@@ -73,7 +73,7 @@ def network_metadata(recipe, model, context, *, adapter: str, network_module: st
     """The whole header of an adapter file: kohya's ``ss_*`` keys plus ModelSpec ``{architecture}/{adapter}``.
 
     The implementation says whose module names the file uses: diffusers' for SD1/SD2, Stability's (SGM) for SDXL
-    (docs/formats.md#metadata).
+    (docs/formats.md#modelspec).
     """
     metadata = training_metadata(recipe, model, context, network_module=network_module, network_dim=network_dim, network_alpha=network_alpha, network_args=network_args)
     metadata.update(

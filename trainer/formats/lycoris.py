@@ -1,14 +1,14 @@
 """LyCORIS files: kohya's LoRA key format carrying the tensors of LoCon, LoHa, LoKr, DoRA, (IA)^3 or full.
 
 Module names are kohya's (``lora_unet_...``, ``lora_te_text_model_...``; kohya_lora.py makes them), and
-each module holds the tensors of one algorithm (../shared/reference/formats.md section 2.1):
+each module holds the tensors of one algorithm (docs/formats.md#lycoris-tensors-per-algorithm):
 
   LoCon   ``lora_down.weight`` [r, in, *k], ``lora_up.weight`` [out, r, *1], Tucker ``lora_mid.weight`` [r, r, *k]
   LoHa    ``hada_w1_a`` [out, r], ``hada_w1_b`` [r, in*k], ``hada_w2_a``, ``hada_w2_b``;
           Tucker ``hada_t1``/``hada_t2`` [r, r, *k] with ``hada_w*_a`` [r, out], ``hada_w*_b`` [r, in]
   LoKr    ``lokr_w1`` [a, c] or ``lokr_w1_a``/``_b``; ``lokr_w2`` [b, d, *k] or ``lokr_w2_a``/``_b``
           (Tucker ``lokr_t2``); the weight change is kron(w1, w2) with out = a*b, in = c*d
-  DoRA    ``dora_scale`` [1, in, *1] next to the tensors of a low-rank algorithm (section 2.3)
+  DoRA    ``dora_scale`` [1, in, *1] next to the tensors of a low-rank algorithm (docs/formats.md#dora-magnitude)
   (IA)^3  ``weight`` (the per-channel factor) and ``on_input`` (0-dim int64)
   full    ``diff`` (the weight change itself) and ``diff_b``
 
@@ -227,7 +227,7 @@ def apply_to_model(tensors: Mapping[str, torch.Tensor], model, multiplier: float
 
 def compatibility_warnings(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """What AUTOMATIC1111, ComfyUI and diffusers cannot apply, or apply differently, in this file
-    (formats.md 1.5, 2.2-2.4); one line per consumer and problem, naming the consumer first."""
+    (docs/formats.md#what-each-consumer-applies); one line per consumer and problem, naming the consumer first."""
     modules = split_modules(tensors)
     suffixes = {suffix for module in modules.values() for suffix in module}
     ia3 = [name for name, module in modules.items() if algo_of(module) == IA3]

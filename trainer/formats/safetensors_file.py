@@ -1,7 +1,6 @@
 """safetensors files as the UIs read them: atomic writes, header metadata, AUTOMATIC1111's hashes.
 
-References: ../shared/reference/formats.md section 6 (metadata keys, ``sshs_model_hash``) and
-kohya.md 2.2 (how kohya computes the hashes).
+The keys and how kohya computes the hashes: docs/formats.md#safetensors-metadata.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ def iso_now() -> str:
 
 
 def modelspec(architecture: str, implementation: str, title: str, resolution: int, prediction_type: str, **extra: str) -> dict[str, str]:
-    """Stability AI ModelSpec 1.0.1 keys (formats.md 6.2): the "must" keys plus date and prediction type."""
+    """Stability AI ModelSpec 1.0.1 keys (docs/formats.md#modelspec): the "must" keys plus date and prediction type."""
     spec = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,

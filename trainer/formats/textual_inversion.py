@@ -1,4 +1,4 @@
-"""Textual Inversion embeddings as the UIs read them (docs/formats.md#textual-inversion).
+"""Textual Inversion embeddings as the UIs read them (docs/formats.md#textual-inversion-embeddings).
 
 Every format stores the vectors 2-D, ``[n_vectors, dim]`` (dim 768 for SD1, 1024 for SD2; SDXL has one
 table per text encoder, 768 and 1280 wide):
@@ -9,8 +9,9 @@ table per text encoder, 768 and 1280 wide):
   the layout AUTOMATIC1111, ComfyUI and kohya share.
 - ``a1111_pt``: AUTOMATIC1111's own pickle, ``{"string_to_token", "string_to_param": {"*": vectors},
   "name", "step", "sd_checkpoint", "sd_checkpoint_name"}``, in torch's legacy (non-zip) serialisation:
-  AUTOMATIC1111's safe unpickler rejects the extra members of torch's zip format (formats.md 3.3), and
-  ``torch.load(weights_only=True)`` (ComfyUI, diffusers) reads both. diffusers takes the token from ``name``.
+  AUTOMATIC1111's safe unpickler rejects the extra members of torch's zip format
+  (docs/formats.md#pickles-automatic1111-accepts), and ``torch.load(weights_only=True)`` (ComfyUI,
+  diffusers) reads both. diffusers takes the token from ``name``.
 - ``diffusers``: ``{token: vectors}`` as ``learned_embeds.safetensors``, what diffusers' own training
   script writes; ``load_textual_inversion`` takes the token from the key. With two text encoders, the
   second's vectors go to ``learned_embeds_2.safetensors`` (diffusers' SDXL script does the same) and are
@@ -34,7 +35,7 @@ EMB_PARAMS = "emb_params"
 # AUTOMATIC1111 always writes this (the id of "*" in CLIP's vocabulary); no loader reads it.
 A1111_STRING_TO_TOKEN = {"*": 265}
 DIFFUSERS_FILE_NAME = "learned_embeds.safetensors"
-# Kohya's implementation id for Textual Inversion files (kohya.md 2.2).
+# Kohya's implementation id for Textual Inversion files (docs/formats.md#modelspec).
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 

@@ -24,6 +24,13 @@ def check_method_name(name: str) -> None:
         raise UserError(f"Recipe key 'method' is '{name}', which is not a known method.{hint} Known methods: {', '.join(METHODS)}.")
 
 
+def section_problems(name: str, section: object) -> list[str]:
+    """The value problems of method ``name``'s recipe section (``problems`` in the config module beside its class)."""
+    check_method_name(name)
+    package = METHODS[name].partition(":")[0].rpartition(".")[0]
+    return importlib.import_module(f"{package}.config").problems(section)
+
+
 def method_class(name: str):
     check_method_name(name)
     module, _, cls = METHODS[name].partition(":")

@@ -8,6 +8,7 @@ together (trainer/families). Methods use the calls here - ``encode_text``, ``pre
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +110,9 @@ class BaseModel:
     def pipeline(self, scheduler=None):
         """A diffusers pipeline over these parts (for sampling and saving); DDIM sampling by default."""
         return self.family.pipeline(self, scheduler)
+
+
+def replace_parts(model: BaseModel, parts: dict[str, nn.Module]) -> BaseModel:
+    """``model`` with some of its modules (by component name) swapped for others; the rest is shared."""
+    text_encoders = [TextEncoder(te.spec, te.tokenizer, parts.get(te.component, te.model)) for te in model.text_encoders]
+    return dataclasses.replace(model, unet=parts.get("unet", model.unet), vae=parts.get("vae", model.vae), text_encoders=text_encoders)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from trainer.atomic import write_text
+from trainer.examples import example_path
 from trainer.recipe import Recipe, load_recipe
 from trainer.toyworld import world
 from trainer.toyworld.evaluate import ConceptReport, EvalSettings, ModelScores, change_interval, draw_base_samples, evaluate_concept
 
-TOY_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "toy"
+TOY_RECIPES = example_path("recipes", "toy")
 INSTANCE_DIR = TOY_RECIPES / "sls_frog"
 DREAMBOOTH_RECIPE = TOY_RECIPES / "sls_frog_dreambooth.yaml"
 # Methods that take prior preservation as a regularisation subset of the data. Not Textual Inversion: its
@@ -117,16 +118,17 @@ def markdown_table(results: list[BenchResult]) -> str:
 
 def toyworld_bench(
     output_root: Path,
-    samples: int = 40,
+    settings: EvalSettings = EvalSettings(),
     methods: list[str] | None = None,
     log: Callable[[str], None] = print,
     train_steps: int | None = None,
 ) -> str:
     """Train and evaluate every toy recipe (± prior preservation where it applies); return one markdown table.
 
-    ``samples`` pictures per prompt; ``methods`` limits the runs to those methods; ``train_steps``
-    replaces each recipe's ``train.max_steps`` (for a quick check; the table then measures little).
-    The table is also written to ``output_root/bench.md``; each run's report to ``<run>/concept_eval``.
+    ``settings`` of every evaluation (pictures per prompt, sampling steps, drift prompts); ``methods``
+    limits the runs to those methods; ``train_steps`` replaces each recipe's ``train.max_steps`` (for a
+    quick check; the table then measures little). The table is also written to
+    ``output_root/bench.md``; each run's report to ``<run>/concept_eval``.
     """
     from trainer.loop import train
 
@@ -136,14 +138,14 @@ def toyworld_bench(
         started = time.perf_counter()
         draw_class_images(output_root)
         log(f"class images ready in {time.perf_counter() - started:.0f} s")
-    settings = EvalSettings(samples_per_prompt=samples)
     base_samples = draw_base_samples(settings)
     results = []
     for run in runs:
         log(f"training {run.name}")
         recipe = _load(run.recipe, run.overrides)
         started = time.perf_counter()
-        train(recipe, show_progress=False)
+        # A bench run again into the same --out replaces its runs; the earlier ones are moved aside, not deleted.
+        train(recipe, show_progress=False, overwrite=True)
         trained = time.perf_counter()
         report = evaluate_concept(recipe.output.dir, settings=settings, base_samples=base_samples)
         results.append(BenchResult(run, recipe.method, recipe.train.max_steps, trained - started, time.perf_counter() - trained, report))

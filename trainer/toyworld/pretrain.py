@@ -31,7 +31,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel
 
 from trainer import diffusion
-from trainer.atomic import staged_directory, write_text
+from trainer.atomic import check_new_directory, new_directory, replaced_directory, write_text
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata, save_safetensors
 from trainer.families.sd import SD1
@@ -251,7 +251,11 @@ def build(directory: Path | None = None, settings: Pretraining = Pretraining(), 
     ``directory`` (default: this version's cache folder, where ``model.base: toy`` looks) gets
     ``base/`` (a diffusers pipeline), ``toy_base.safetensors`` and ``judge.safetensors`` (the files the
     package ships) and ``build.json`` (timings and accuracies). Written atomically: a crash leaves none.
+    A folder the caller names must be new or empty; the cache folder is sdtrain's own and is replaced.
     """
+    if directory:
+        check_new_directory(directory)
+    write_directory = new_directory if directory else replaced_directory
     directory = Path(directory) if directory else toy_cache_dir(settings)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -286,7 +290,7 @@ def build(directory: Path | None = None, settings: Pretraining = Pretraining(), 
 
     report = {"version": version(settings), "threads": torch.get_num_threads(), "torch": torch.__version__, **timings,
               "judge_real": real.__dict__, "judge_reconstructed": reconstructed.__dict__}
-    with staged_directory(directory) as tmp:
+    with write_directory(directory) as tmp:
         pack_base(unet, vae, text_encoder, tmp / BASE_FILE, settings, {"build": json.dumps(report)})
         pack_judge(judge, tmp / JUDGE_FILE, settings, judge_metadata(real, reconstructed))
         # The pipeline is written from the fp16 file, so a build and the shipped weights load the same model.
@@ -319,7 +323,7 @@ def toy_base_dir() -> Path:
     shipped = _shipped(BASE_FILE)
     if shipped is None:
         raise _not_built("base model")
-    save_diffusers_folder(unpack_base(shipped), directory)
+    save_diffusers_folder(unpack_base(shipped), directory, replace=True)
     return directory
 
 

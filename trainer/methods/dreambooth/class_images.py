@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from trainer.data.sources import is_image
 from trainer.errors import UserError
-from trainer.models.loading import BaseModel
+from trainer.models.base_model import BaseModel
 from trainer.sampling import draw, sampling_pipeline, save_png_with_settings
 
 # Room for a PNG's header and text chunks on top of its pixel data.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.checks import broken, seed_rule, text_encoder_lr_rule
+
 
 @dataclass
 class DreamBoothConfig:
@@ -34,3 +36,29 @@ class DreamBoothConfig:
     # Keep an exponential moving average of the trained weights and export it instead of the raw weights.
     ema: bool = False
     ema_decay: float = 0.9999
+
+
+def problems(cfg: DreamBoothConfig) -> list[str]:
+    """The ``dreambooth:`` values that cannot train, each with its fix (see trainer/checks.py).
+
+    That the class images fit the base model's VAE is checked with the model at hand (method.py).
+    """
+    prior = cfg.prior_preservation
+    return broken("dreambooth", cfg, [
+        ("class_prompt", not prior or bool((cfg.class_prompt or "").strip()),
+         "prior preservation (dreambooth.prior_preservation) needs it. Set it to what the instance images are an example of, "
+         "with the class word of their captions (e.g. 'a photo of a frog' for captions 'sls frog'), or set "
+         "dreambooth.prior_preservation=false."),
+        ("num_class_images", not prior or cfg.num_class_images >= 1, "it must be at least 1 with prior preservation on."),
+        ("prior_loss_weight", cfg.prior_loss_weight >= 0, "it must be 0 or more (1.0 is usual)."),
+        # Stable Diffusion pipelines draw only multiples of 8 px.
+        ("class_resolution", cfg.class_resolution == 0 or (cfg.class_resolution > 0 and cfg.class_resolution % 8 == 0),
+         "it must be 0 (= data.resolution) or a positive multiple of 8 px."),
+        ("class_sample_steps", cfg.class_sample_steps >= 1, "it must be at least 1."),
+        ("class_guidance_scale", cfg.class_guidance_scale >= 0, "it must be 0 or more (7.5 is usual; 1 or less means no guidance)."),
+        ("class_batch_size", cfg.class_batch_size >= 1, "it must be at least 1."),
+        seed_rule("class_seed", cfg.class_seed),
+        text_encoder_lr_rule(cfg.text_encoder_lr),
+        ("text_encoder_steps", cfg.text_encoder_steps >= 0, "it must be 0 (the whole run) or a number of steps."),
+        ("ema_decay", 0.0 <= cfg.ema_decay < 1.0, "it must be in [0, 1) (0.9999 is usual)."),
+    ])

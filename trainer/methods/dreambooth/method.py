@@ -38,25 +38,8 @@ def ema_decay(max_decay: float, steps: int) -> float:
 
 
 def _check_config(recipe: Recipe, model: BaseModel) -> None:
+    """What the recipe's values (checked in config.py) must also fit in this base model."""
     cfg = recipe.dreambooth
-    if cfg.prior_preservation and not (cfg.class_prompt or "").strip():
-        raise UserError(
-            "Recipe key 'dreambooth.class_prompt' is empty while 'dreambooth.prior_preservation' is on. Set it to what the "
-            "instance images are an example of, with the class word of their captions (e.g. 'a photo of a frog' for "
-            "captions 'sls frog'), or set dreambooth.prior_preservation=false."
-        )
-    rules = [
-        ("num_class_images", cfg.num_class_images >= 1 or not cfg.prior_preservation, "at least 1 with prior preservation on"),
-        ("prior_loss_weight", cfg.prior_loss_weight >= 0, "0 or more (1.0 is usual)"),
-        ("class_resolution", cfg.class_resolution >= 0, "0 (= data.resolution) or a size in pixels"),
-        ("class_sample_steps", cfg.class_sample_steps >= 1, "at least 1"),
-        ("class_batch_size", cfg.class_batch_size >= 1, "at least 1"),
-        ("text_encoder_steps", cfg.text_encoder_steps >= 0, "0 (the whole run) or a number of steps"),
-        ("ema_decay", 0.0 <= cfg.ema_decay < 1.0, "between 0 and 1 (0.9999 is usual)"),
-    ]
-    for key, valid, expected in rules:
-        if not valid:
-            raise UserError(f"Recipe key 'dreambooth.{key}' is {getattr(cfg, key)}; it must be {expected}.")
     resolution = cfg.class_resolution or recipe.data.resolution
     if cfg.prior_preservation and resolution % model.vae_scale_factor:
         raise UserError(
@@ -193,12 +176,15 @@ class DreamBoothMethod(TrainingMethod):
 
     # --- how the artifact is written ---------------------------------------------------------------
     def exported_model(self) -> BaseModel:
-        """A CPU copy of the model as it is shipped: the EMA weights if kept, in output.save_dtype."""
-        dtype = DTYPES[self.recipe.output.save_dtype]
+        """A float32 CPU copy of the model as it is shipped: the EMA weights if kept.
+
+        Float32 so that the diffusers folder's main files hold the trained weights unrounded; each file casts
+        to output.save_dtype itself.
+        """
         copy_of = copy.deepcopy(self.model)
         parts = copy_of.parts()
         for part in parts.values():
-            part.to("cpu", dtype).eval()
+            part.to("cpu", torch.float32).eval()
         with torch.no_grad():
             for key, shadow in self._ema.items():
                 part, _, name = key.partition(".")
@@ -218,6 +204,6 @@ class DreamBoothMethod(TrainingMethod):
             ))
         if "diffusers" in recipe.output.formats:
             directory = context.output_dir / f"{context.name}_diffusers"
-            save_diffusers_folder(model, directory)
+            save_diffusers_folder(model, directory, recipe.output.save_dtype, replace=True)
             paths.append(directory)
         return paths

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import torch
 
-from trainer.errors import UserError
 from trainer.formats.a1111_hypernetwork import HypernetworkFile, a1111_info, write_hypernetwork
 from trainer.formats.safetensors_file import DTYPES
 from trainer.methods.base import ExportContext, TrainingMethod
+from trainer.methods.hypernetwork.config import structure as hypernetwork_structure
 from trainer.methods.hypernetwork.module import COMFYUI_ACTIVATIONS, Hypernetwork, Structure, attach, cross_attention_widths
 
 SUFFIXES = {"a1111": ".pt", "safetensors": ".safetensors"}
 
 
 def comfyui_differences(structure: Structure) -> list[str]:
-    """Where ComfyUI's HypernetworkLoader would read a file of this structure differently from AUTOMATIC1111 (formats.md 4.2)."""
+    """Where ComfyUI's HypernetworkLoader would read a file of this structure differently from AUTOMATIC1111
+    (docs/formats.md#how-comfyui-reads-a-hypernetwork)."""
     differences = []
     if structure.activation not in COMFYUI_ACTIVATIONS:
         differences.append(
@@ -45,19 +46,10 @@ class HypernetworkMethod(TrainingMethod):
         cfg, model = self.recipe.hypernetwork, self.model
         for part in model.parts().values():
             part.requires_grad_(False)
-        try:
-            structure = Structure(
-                layer_structure=tuple(cfg.layer_structure),
-                activation=cfg.activation,
-                layer_norm=cfg.layer_norm,
-                activate_output=cfg.activate_output,
-                dropout_structure=tuple(cfg.dropout_structure) if cfg.dropout_structure is not None else None,
-            )
-            self.hypernetwork = Hypernetwork(cross_attention_widths(model.unet), structure)
-            # Its own generator seeded by train.seed: the same start whatever drew random numbers before.
-            self.hypernetwork.initialise(cfg.weight_init, torch.Generator().manual_seed(self.recipe.train.seed))
-        except ValueError as err:
-            raise UserError(f"Recipe key hypernetwork.{err}") from None
+        structure = hypernetwork_structure(cfg)
+        self.hypernetwork = Hypernetwork(cross_attention_widths(model.unet), structure)
+        # Its own generator seeded by train.seed: the same start whatever drew random numbers before.
+        self.hypernetwork.initialise(cfg.weight_init, torch.Generator().manual_seed(self.recipe.train.seed))
         self.hypernetwork.set_strength(cfg.sample_strength)
         attach(model.unet, self.hypernetwork)
         for difference in comfyui_differences(structure):

@@ -2,10 +2,10 @@
 
 For each context width the hypernetwork has a pair of modules, one for keys and one for values,
 each ``x + mlp(x) * strength``. Wherever an attention layer's context has one of those widths, the
-pair rewrites it before ``to_k`` and ``to_v`` (formats.md 4.1). That is AUTOMATIC1111's and
-ComfyUI's rule, so a file means the same here as there: on SD1 (768) and SD2 (1024) it picks
-exactly the cross-attention layers; on the built-in tiny model, whose deeper blocks are as wide
-as its text (64), it also picks their self-attention, as the UIs would.
+pair rewrites it before ``to_k`` and ``to_v`` (docs/formats.md#where-a-hypernetwork-applies). That
+is AUTOMATIC1111's and ComfyUI's rule, so a file means the same here as there: on SD1 (768) and
+SD2 (1024) it picks exactly the cross-attention layers; on the built-in tiny model, whose deeper
+blocks are as wide as its text (64), it also picks their self-attention, as the UIs would.
 
 ``mlp`` is laid out exactly like AUTOMATIC1111's ``self.linear`` Sequential (Linear, activation,
 LayerNorm, Dropout per layer), so its state-dict indices are the file's.

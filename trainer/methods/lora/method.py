@@ -16,7 +16,7 @@ from peft import get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from trainer.atomic import staged_directory
+from trainer.atomic import replaced_directory
 from trainer.formats import kohya_lora
 from trainer.formats.kohya_metadata import network_metadata
 from trainer.formats.safetensors_file import DTYPES, save_safetensors
@@ -112,6 +112,6 @@ class LoraMethod(TrainingMethod):
             if lora_layers(part)
         }
         directory = context.output_dir / f"{context.name}_diffusers"
-        with staged_directory(directory) as tmp:
+        with replaced_directory(directory) as tmp:
             self.model.family.pipeline_class().save_lora_weights(tmp, safe_serialization=True, **layers)
         return directory

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.checks import broken, one_of, text_encoder_lr_rule
+
 
 @dataclass
 class LycorisConfig:
@@ -32,3 +34,31 @@ class LycorisConfig:
     text_encoder: bool = False
     # Learning rate of the text-encoder adapters (default: train.lr).
     text_encoder_lr: Optional[float] = None
+
+
+def problems(cfg: LycorisConfig) -> list[str]:
+    """The ``lycoris:`` values that cannot train, each with its fix (see trainer/checks.py)."""
+    # The algorithms and presets are defined with the adapters they build.
+    from trainer.methods.lycoris.method import ALGOS, LOW_RANK_ALGOS, PRESETS
+
+    low_rank = cfg.algo in LOW_RANK_ALGOS
+    rules = [
+        ("algo", cfg.algo in ALGOS, one_of(cfg.algo, ALGOS)),
+        ("preset", cfg.preset in PRESETS, one_of(cfg.preset, PRESETS)),
+        ("rank", not low_rank or cfg.rank >= 1, f"algo {cfg.algo} needs a rank of at least 1."),
+        ("conv_rank", cfg.conv_rank is None or cfg.conv_rank >= 0, "use a rank >= 1, 0 to leave 3x3 convolutions out, or null for lycoris.rank."),
+        ("factor", cfg.factor == -1 or cfg.factor >= 1, "use -1 (as square as possible) or a factor >= 1."),
+        ("use_tucker", low_rank or not cfg.use_tucker, f"algo {cfg.algo} has no rank to factor, so set it to false."),
+        text_encoder_lr_rule(cfg.text_encoder_lr),
+    ]
+    for key in ("alpha", "conv_alpha"):
+        alpha = getattr(cfg, key)
+        # LyCORIS silently reads 0 as alpha = rank; a scale of 0 would train nothing.
+        rules.append((key, not low_rank or alpha is None or alpha > 0, "use a positive alpha (alpha = rank means no scaling)."))
+    for key in ("dropout", "rank_dropout"):
+        probability = getattr(cfg, key)
+        if not 0.0 <= probability < 1.0:
+            rules.append((key, False, "use a probability in [0, 1)."))
+        else:
+            rules.append((key, low_rank or not probability, f"algo {cfg.algo} has no low-rank branch to drop, so set it to 0."))
+    return broken("lycoris", cfg, rules)

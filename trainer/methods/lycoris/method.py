@@ -41,32 +41,6 @@ PRESETS = {
 }
 
 
-def _check(cfg: LycorisConfig) -> None:
-    if cfg.algo not in ALGOS:
-        raise UserError(f"Recipe key 'lycoris.algo' is '{cfg.algo}'; use one of {', '.join(ALGOS)}.")
-    if cfg.preset not in PRESETS:
-        raise UserError(f"Recipe key 'lycoris.preset' is '{cfg.preset}'; use one of {', '.join(PRESETS)}.")
-    if cfg.algo in LOW_RANK_ALGOS and cfg.rank < 1:
-        raise UserError(f"Recipe key 'lycoris.rank' is {cfg.rank}; algo {cfg.algo} needs a rank of at least 1.")
-    for key in ("alpha", "conv_alpha"):
-        value = getattr(cfg, key)
-        if cfg.algo in LOW_RANK_ALGOS and value is not None and value <= 0:
-            # LyCORIS silently reads 0 as alpha = rank; a scale of 0 would train nothing.
-            raise UserError(f"Recipe key 'lycoris.{key}' is {value}; use a positive alpha (alpha = rank means no scaling).")
-    if cfg.conv_rank is not None and cfg.conv_rank < 0:
-        raise UserError(f"Recipe key 'lycoris.conv_rank' is {cfg.conv_rank}; use a rank >= 1, 0 to leave 3x3 convolutions out, or null for lycoris.rank.")
-    if cfg.factor == 0 or cfg.factor < -1:
-        raise UserError(f"Recipe key 'lycoris.factor' is {cfg.factor}; use -1 (as square as possible) or a factor >= 1.")
-    for key in ("dropout", "rank_dropout"):
-        value = getattr(cfg, key)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"Recipe key 'lycoris.{key}' is {value}; use a probability in [0, 1).")
-        if value and cfg.algo not in LOW_RANK_ALGOS:
-            raise UserError(f"Recipe key 'lycoris.{key}' is {value}, but algo {cfg.algo} has no low-rank branch to drop. Set it to 0.")
-    if cfg.use_tucker and cfg.algo not in LOW_RANK_ALGOS:
-        raise UserError(f"Recipe key 'lycoris.use_tucker' is true, but algo {cfg.algo} has no rank to factor. Set it to false.")
-
-
 def _targets(part: nn.Module, patterns: tuple[re.Pattern, ...] | None) -> dict[str, nn.Module]:
     return {
         path: layer
@@ -86,7 +60,7 @@ def build_adapter(cfg: LycorisConfig, path: str, layer: nn.Module) -> modules.Ly
         if rank == 0:
             return None
     if cfg.algo == "ia3":
-        # AUTOMATIC1111 applies (IA)^3 to Linear layers only (formats.md 2.4).
+        # AUTOMATIC1111 applies (IA)^3 to Linear layers only (docs/formats.md#what-each-consumer-applies).
         return modules.ia3(layer, on_input=bool(FEED_FORWARD_OUTPUT.search(path))) if isinstance(layer, nn.Linear) else None
     if cfg.algo == "full":
         return modules.full(layer)
@@ -124,7 +98,6 @@ class LycorisMethod(TrainingMethod):
 
     def setup(self) -> None:
         cfg, model = self.recipe.lycoris, self.model
-        _check(cfg)
         for part in model.parts().values():
             part.requires_grad_(False)
         preset = PRESETS[cfg.preset]

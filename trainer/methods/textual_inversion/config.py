@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainer.checks import broken, one_of
+
+# The placeholder is a file name in AUTOMATIC1111 and ComfyUI (Windows forbids <>:"/\|?*), one word in
+# a prompt (no spaces or commas), and what {} in a template stands for.
+FORBIDDEN_IN_PLACEHOLDER = set('<>:"/\\|?*{},')
+
 
 @dataclass
 class TextualInversionConfig:
@@ -22,3 +28,34 @@ class TextualInversionConfig:
     captions: str = "object"
     # Your own prompt templates, each with {} where the placeholder goes; they replace the built-in ones.
     templates: list[str] = field(default_factory=list)
+
+
+def problems(cfg: TextualInversionConfig) -> list[str]:
+    """The ``textual_inversion:`` values that cannot train, each with its fix (see trainer/checks.py).
+
+    Whether the placeholder is new to the tokenizer, and how it splits the initializer, is checked
+    with the model's tokenizer at hand (method.py).
+    """
+    # The built-in template sets are defined with the captions they make.
+    from trainer.methods.textual_inversion.method import BUILT_IN_TEMPLATES
+
+    placeholder, captions = cfg.placeholder, (*BUILT_IN_TEMPLATES, "dataset")
+    bad = "".join(sorted({char for char in placeholder if char in FORBIDDEN_IN_PLACEHOLDER or char.isspace()}))
+    return broken("textual_inversion", cfg, [
+        ("placeholder", bool(placeholder), "set it to the made-up word the embedding is for, e.g. 'sls_frog'."),
+        ("placeholder", not bad,
+         f"it contains {bad!r}. The placeholder is one prompt word and the name of the exported file (AUTOMATIC1111 and "
+         "ComfyUI take the prompt word from it), so it cannot hold spaces, commas, braces or <>:\"/\\|?*. Use letters, "
+         "digits, _ or -, e.g. 'sls_frog'."),
+        ("placeholder", placeholder == placeholder.lower(),
+         f"use lower case ('{placeholder.lower()}'). CLIP lower-cases every prompt, and diffusers only expands a "
+         "multi-vector word it finds spelled exactly as trained."),
+        ("num_vectors", cfg.num_vectors >= 1, "it must be at least 1."),
+        ("captions", cfg.captions in captions, one_of(cfg.captions, captions)),
+        ("templates", not (cfg.templates and cfg.captions == "dataset"),
+         "templates replace the captions, which contradicts textual_inversion.captions: dataset. Remove the templates, "
+         "or set captions to object or style."),
+        ("templates", all("{}" in template for template in cfg.templates),
+         "a template without {} never puts the placeholder into the prompt, so the embedding would not train. Mark "
+         "where it goes with {}, e.g. 'a photo of a {}'."),
+    ])

@@ -61,9 +61,6 @@ STYLE_TEMPLATES = (
     "an artwork in the style of {}",
 )
 BUILT_IN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
-# The placeholder is a file name in AUTOMATIC1111 and ComfyUI (Windows forbids <>:"/\|?*), one word in
-# a prompt (no spaces or commas), and what {} in a template stands for.
-FORBIDDEN_IN_PLACEHOLDER = set('<>:"/\\|?*{},')
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
@@ -116,9 +113,6 @@ class TextualInversionMethod(TrainingMethod):
     def __init__(self, recipe, model):
         super().__init__(recipe, model)
         cfg = recipe.textual_inversion
-        _check_placeholder(cfg.placeholder)
-        if cfg.num_vectors < 1:
-            raise UserError(f"Recipe key 'textual_inversion.num_vectors' is {cfg.num_vectors}; it must be at least 1.")
         if "a1111_pt" in recipe.output.formats and len(model.text_encoders) > 1:
             raise UserError(
                 f"Recipe key 'output.formats' has a1111_pt, AUTOMATIC1111's pickle of one text encoder's vectors; this {model.family.title} "
@@ -211,23 +205,6 @@ class TextualInversionMethod(TrainingMethod):
         return paths
 
 
-def _check_placeholder(placeholder: str) -> None:
-    if not placeholder:
-        raise UserError("Recipe key 'textual_inversion.placeholder' is empty. Set it to the made-up word the embedding is for, e.g. 'sls_frog'.")
-    bad = sorted({char for char in placeholder if char in FORBIDDEN_IN_PLACEHOLDER or char.isspace()})
-    if bad:
-        raise UserError(
-            f"Recipe key 'textual_inversion.placeholder' is '{placeholder}', which contains {''.join(bad)!r}. The placeholder is one "
-            "prompt word and the name of the exported file (AUTOMATIC1111 and ComfyUI take the prompt word from it), so it cannot "
-            'hold spaces, commas, braces or <>:"/\\|?*. Use letters, digits, _ or -, e.g. \'sls_frog\'.'
-        )
-    if placeholder != placeholder.lower():
-        raise UserError(
-            f"Recipe key 'textual_inversion.placeholder' is '{placeholder}'; use lower case ('{placeholder.lower()}'). CLIP lower-cases "
-            "every prompt, and diffusers only expands a multi-vector word it finds spelled exactly as trained."
-        )
-
-
 def _check_new_word(tokenizer, vocabulary: dict[str, int], token: str, placeholder: str) -> None:
     """``token`` must be new: a word the tokenizer already knows would be taken over by the embedding."""
     pieces = tokenizer.tokenize(token)
@@ -258,18 +235,5 @@ def _initializer_ids(tokenizer, initializer: str, num_vectors: int) -> list[int]
 def _templates(cfg) -> tuple[str, ...]:
     """The prompt templates of the recipe, or () when the dataset's captions are used."""
     if cfg.captions == "dataset":
-        if cfg.templates:
-            raise UserError(
-                "Recipe keys 'textual_inversion.templates' and 'textual_inversion.captions: dataset' contradict each other: templates "
-                "replace the captions. Remove the templates, or set captions to object or style."
-            )
         return ()
-    if cfg.captions not in BUILT_IN_TEMPLATES:
-        raise UserError(f"Recipe key 'textual_inversion.captions' is '{cfg.captions}'; use object, style or dataset.")
-    without_slot = [template for template in cfg.templates if "{}" not in template]
-    if without_slot:
-        raise UserError(
-            f"Recipe key 'textual_inversion.templates' has {len(without_slot)} template(s) without {{}}, e.g. '{without_slot[0]}'. "
-            "{} marks where the placeholder goes, e.g. 'a photo of a {}'; without it the embedding never appears in the prompt."
-        )
     return tuple(cfg.templates) or BUILT_IN_TEMPLATES[cfg.captions]

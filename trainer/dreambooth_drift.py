@@ -1,9 +1,9 @@
-"""How far training moved a prompt's noise predictions away from the base model's.
+"""DreamBooth prior preservation, measured: how far training moved a prompt's noise predictions from the base model's.
 
 Prior preservation should keep the class prompt ("a photo of a frog") predicting what the base model
 predicts, while the instance prompt ("sls frog") learns the subject. This measures both:
 
-    python -m trainer.methods.dreambooth.drift [--recipe RECIPE] [--frog-base STEPS] [key=value ...]
+    python -m trainer.dreambooth_drift [--recipe RECIPE] [--frog-base STEPS] [key=value ...]
 
 trains the recipe (default ``recipes/sls_frog_dreambooth.yaml``) twice, with and without prior
 preservation, and prints for each prompt two relative drifts, ``mean ||a_trained - a_base||^2 /
@@ -34,6 +34,7 @@ import torch
 
 from trainer.data.dataset import load_pixels
 from trainer.data.scan import scan
+from trainer.examples import example_path
 from trainer.loop import train
 from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images
 from trainer.models.base_model import BaseModel
@@ -41,8 +42,10 @@ from trainer.models.conditioning import ImageGeometry
 from trainer.models.loading import load_base_model, load_recipe_model
 from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
-REPO = Path(__file__).resolve().parents[3]
-DEFAULT_RECIPE = REPO / "recipes" / "sls_frog_dreambooth.yaml"
+DEFAULT_RECIPE = example_path("recipes", "sls_frog_dreambooth.yaml")
+# The default recipe names its data relative to the repository root; the measurement runs from anywhere.
+DEFAULT_DATA = example_path("datasets", "sls_frog")
+TAGGED_EXAMPLE = example_path("datasets", "tagged_example", "5_tagged")
 EVAL_SEED = 1_000_000  # far from any class_seed + i of the training class images
 EVAL_IMAGES = 8
 TIMESTEPS = tuple(range(50, 1000, 100))
@@ -119,12 +122,11 @@ def measure(recipe_path: Path, overrides: list[str], root: Path, instance_prompt
 def train_frog_base(recipe_path: Path, overrides: list[str], root: Path, steps: int) -> Path:
     """The built-in model after a plain full fine-tune on the mint frog ("a photo of a frog") and the blob
     cat ("a photo of a cat") of datasets/tagged_example; returns its diffusers folder."""
-    tagged = REPO / "datasets" / "tagged_example" / "5_tagged"
     folders = {"mint frog": root / "data" / "1_a photo of a frog", "blob cat": root / "data" / "1_a photo of a cat"}
     for folder in folders.values():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    for caption_file in sorted(tagged.glob("*.txt")):
+    for caption_file in sorted(TAGGED_EXAMPLE.glob("*.txt")):
         character = caption_file.read_text(encoding="utf-8").split(",")[0].strip()
         if character in folders:
             # No caption file next to the copy: the folder words are the caption.
@@ -138,16 +140,19 @@ def train_frog_base(recipe_path: Path, overrides: list[str], root: Path, steps: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    parser.add_argument("--recipe", help="default: recipes/sls_frog_dreambooth.yaml on datasets/sls_frog")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for every run, e.g. train.max_steps=50")
     parser.add_argument("--instance-prompt", default="sls frog", help="the subject's prompt, for comparison")
     parser.add_argument("--frog-base", type=int, default=0, metavar="STEPS", help="first fine-tune the base on frogs and cats for STEPS steps")
     parser.add_argument("--out", default="output/dreambooth_drift", help="folder for the runs")
     args = parser.parse_args(argv)
     out, overrides = Path(args.out), list(args.overrides)
+    recipe = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
+    if not args.recipe:
+        overrides.insert(0, f"data.dir={DEFAULT_DATA}")
     if args.frog_base:
-        overrides.append(f"model.base={train_frog_base(Path(args.recipe), overrides, out / 'frog_base', args.frog_base)}")
-    results = measure(Path(args.recipe), overrides, out / "dreambooth", args.instance_prompt)
+        overrides.append(f"model.base={train_frog_base(recipe, overrides, out / 'frog_base', args.frog_base)}")
+    results = measure(recipe, overrides, out / "dreambooth", args.instance_prompt)
     print(f"{'run':28s} {'prompt':20s} {'prediction drift':>16s} {'guidance drift':>16s}")
     for label, prompts in results.items():
         for prompt, drift in prompts.items():
