@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, draw, fast_overrides
+from tests.tolerances import assert_close_in_norm, layer_rounding, relative_error
 from trainer.convert import convert_checkpoint
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata
@@ -102,7 +103,9 @@ def test_class_images_are_reused_and_only_missing_ones_drawn(run, class_dir, tmp
     assert [path.name for path in drawn] == [class_images.image_name(1), class_images.image_name(NUM_CLASS_IMAGES)]
     assert {name: t for name, t in _mtimes(copy).items() if name in kept} == kept
     redrawn = np.asarray(Image.open(removed).convert("RGB"), dtype=np.int16)
-    assert np.abs(redrawn - original).max() <= 1  # same seed, same picture (up to batch rounding)
+    # Same seed, same picture: drawn in another batch its floats differ by rounding only, far below the
+    # 1/255 it takes to move a pixel by more than one level; a picture from another seed differs by far more.
+    assert np.abs(redrawn - original).max() <= 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,10 +145,14 @@ def test_prior_loss_enters_the_gradient(run, class_dir, tmp_path):
             gradients["instance only"] = _unet_gradient(
                 method, latents[instance], captions, torch.ones(len(captions)), noise[instance], timesteps[instance]
             )
-    # Weight 0: the class samples change nothing; weight 1: they do, by a lot.
-    torch.testing.assert_close(gradients[0.0], gradients["instance only"], rtol=1e-4, atol=1e-7)
-    difference = (gradients[1.0] - gradients["instance only"]).norm() / gradients["instance only"].norm()
-    assert difference > 0.05
+    # Weight 0: the class samples change nothing; weight 1: they do, by a lot. Without the class samples
+    # the instance gradient is the same sum in another order (oneDNN blocks a batch of 4 unlike one of
+    # 2): rounding alone, forward and backward through every UNet layer, the longest sum 1152 terms (a 3x3
+    # convolution over 128 channels). Bound 4.5e-4 of the gradient's norm, measured 1.3e-6; class
+    # samples that count move it by 0.76 (weight 1), or by 0.5 (weight 0 but counted in the batch size).
+    rounding = layer_rounding(model.unet, passes=2, sums=latents[:, 0].numel())
+    assert_close_in_norm(gradients[0.0], gradients["instance only"], rounding, what="UNet gradient with class weight 0")
+    assert relative_error(gradients[1.0], gradients["instance only"]) > 0.05
 
 
 # ------------------------------------------------------------------------------------------------

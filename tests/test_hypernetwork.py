@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.conftest import REPO, fast_overrides
+from tests.tolerances import assert_close_in_norm, layer_rounding
 from trainer.errors import UserError
 from trainer.formats.a1111_hypernetwork import convert_hypernetwork, load_pt, read_hypernetwork
 from trainer.loop import train
@@ -210,8 +211,11 @@ def test_a1111_reads_the_trainers_keys_and_values(tiny, tmp_path, name):
         hn_k, hn_v = a1111_load(pt_path, multiplier=strength)[TEXT_WIDTH]
         with torch.no_grad():
             keys, values = processor.keys_and_values(attn, context)
-            torch.testing.assert_close(keys, attn.to_k(hn_k(context)), rtol=0, atol=1e-6)
-            torch.testing.assert_close(values, attn.to_v(hn_v(context)), rtol=0, atol=1e-6)
+            # AUTOMATIC1111's module recomputes the trainer's from the file: rounding through its layers and
+            # to_k, bound 7e-6 to 1.1e-5 of the keys' norm (measured 0). The wrong strength (1 for 0.6) moves them
+            # by 0.1 to 0.6, values' weights for keys' by 0.2 to 1.3.
+            assert_close_in_norm(keys, attn.to_k(hn_k(context)), layer_rounding(hn_k, attn.to_k), what="keys")
+            assert_close_in_norm(values, attn.to_v(hn_v(context)), layer_rounding(hn_v, attn.to_v), what="values")
             assert (keys - attn.to_k(context)).abs().max() > 1e-2, "the hypernetwork changes the keys"
 
 
@@ -223,8 +227,8 @@ def test_comfyui_reads_the_trainers_keys_and_values(tiny, tmp_path, name):
     hn_k, hn_v = comfyui_load(pt_path)[TEXT_WIDTH]
     with torch.no_grad():
         keys, values = attn.processor.keys_and_values(attn, context)
-        torch.testing.assert_close(keys, attn.to_k(context + hn_k(context) * 0.6), rtol=0, atol=1e-6)
-        torch.testing.assert_close(values, attn.to_v(context + hn_v(context) * 0.6), rtol=0, atol=1e-6)
+        assert_close_in_norm(keys, attn.to_k(context + hn_k(context) * 0.6), layer_rounding(hn_k, attn.to_k), what="keys")
+        assert_close_in_norm(values, attn.to_v(context + hn_v(context) * 0.6), layer_rounding(hn_v, attn.to_v), what="values")
 
 
 def test_warns_where_comfyui_reads_differently(tiny, tmp_path, capsys):
@@ -295,8 +299,8 @@ def test_a1111_style_file_converts_and_loads_with_its_dropout(tiny, tmp_path):
     hn_k, hn_v = a1111_load(original, multiplier=0.8)[TEXT_WIDTH]
     with torch.no_grad():
         keys, values = attn.processor.keys_and_values(attn, context)
-        torch.testing.assert_close(keys, attn.to_k(hn_k(context)), rtol=0, atol=1e-6)
-        torch.testing.assert_close(values, attn.to_v(hn_v(context)), rtol=0, atol=1e-6)
+        assert_close_in_norm(keys, attn.to_k(hn_k(context)), layer_rounding(hn_k, attn.to_k), what="keys")
+        assert_close_in_norm(values, attn.to_v(hn_v(context)), layer_rounding(hn_v, attn.to_v), what="values")
 
 
 def test_unreadable_files_are_named(tmp_path):
@@ -395,4 +399,6 @@ def test_training_changes_the_weights_and_the_image(tmp_path):
     after = _image(base)
     assert np.abs(after - before).max() > 0.05, "training changed what the hypernetwork does to the image"
     hypernetwork.set_strength(0.0)
-    np.testing.assert_allclose(_image(base), plain, atol=1e-6)
+    # Exactly the base model's image: at strength 0 the context is x + mlp(x) * 0 = x, and the processor
+    # runs diffusers' AttnProcessor2_0 operation for operation on it.
+    np.testing.assert_array_equal(_image(base), plain)

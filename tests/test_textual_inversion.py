@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, draw, fast_overrides
+from tests.tolerances import assert_close_in_norm, layer_rounding
 from trainer import diffusion, loop
 from trainer.data import TrainingData
 from trainer.errors import UserError
@@ -124,7 +125,9 @@ def test_diffusers_loads_each_format_with_the_trained_vectors(ti_run, tiny_folde
     with torch.no_grad():
         from_pipeline, _ = pipe.encode_prompt("a photo of sls_frog", "cpu", 1, False)
         from_training = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["a photo of sls_frog sls_frog_1"], 1, torch.device("cpu"))
-    torch.testing.assert_close(from_pipeline, from_training, rtol=0, atol=1e-6)
+    # Two codes running the same text encoder: rounding through its layers, bound 4e-5 of the states'
+    # norm (measured 0). The word without its second vector moves them by 0.18, the initializer's by 0.44.
+    assert_close_in_norm(from_pipeline, from_training, layer_rounding(model.text_encoder), what="prompt embedding")
     draw(pipe, "a photo of sls_frog")
 
 
