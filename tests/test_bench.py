@@ -110,7 +110,24 @@ def test_random_sd1_has_the_real_sd15_architecture():
     assert tuple(model.unet.config.block_out_channels) == (320, 640, 1280, 1280)
     assert model.unet.config.cross_attention_dim == 768
     assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(859.5e6, rel=0.001)
-    text = model.text_encoder.config
+    (text_encoder,) = model.text_encoders
+    text = text_encoder.model.config
     assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (768, 12, 49408)  # CLIP ViT-L/14
-    assert model.tokenizer("a frog").input_ids[:2] == [49406, 320]  # the real CLIP BPE
-    assert model.version == "sd_v1" and model.name == "sdtrain-random-sd1"
+    assert text_encoder.tokenizer("a frog").input_ids[:2] == [49406, 320]  # the real CLIP BPE
+    assert model.family.name == "sd1" and model.name == "sdtrain-random-sd1"
+
+
+def test_random_sdxl_has_the_real_sdxl_architecture():
+    from accelerate import init_empty_weights
+
+    from trainer.models.loading import load_base_model
+
+    with init_empty_weights():
+        model = load_base_model("random:sdxl")
+    assert model.family.name == "sdxl" and model.unet.config.cross_attention_dim == 2048
+    # SDXL 1.0's UNet: 2,567,463,684 parameters; CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (with its projection).
+    assert sum(p.numel() for p in model.unet.parameters()) == 2_567_463_684
+    widths = [(te.model.config.hidden_size, te.model.config.num_hidden_layers) for te in model.text_encoders]
+    assert widths == [(768, 12), (1280, 32)]
+    assert model.text_encoders[1].model.text_projection.weight.shape == (1280, 1280)
+    assert model.text_encoders[1].tokenizer.pad_token == "!" and model.vae.config.scaling_factor == 0.13025

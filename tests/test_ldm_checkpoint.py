@@ -1,7 +1,7 @@
-"""Single-file (original ldm layout) checkpoints: our mapping, diffusers' loader, our loader, bad files.
+"""Single-file (original ldm layout) SD1/SD2 checkpoints: our mapping, diffusers' loader, our loader, bad files.
 
-Tiny models only, except where the real SD1.5/SD2.1 architectures are built on the meta device
-(names and shapes, no memory).
+Tiny models only, except where the real SD1.5/SD2.1/SDXL architectures are built on the meta device
+(names and shapes, no memory). SDXL's files end to end: tests/test_sdxl.py.
 """
 
 from __future__ import annotations
@@ -24,19 +24,22 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from trainer.errors import UserError
+from trainer.families.base import PACKAGED_CONFIGS
+from trainer.families.sd import SD2
 from trainer.formats.ldm_checkpoint import (
+    TEXT_LAYOUTS,
     CheckpointLayoutError,
-    diffusers_to_ldm,
-    ldm_to_diffusers,
-    save_single_file,
-    sd2_text_encoder_to_ldm,
+    from_single_file,
+    to_single_file,
     unet_module_table,
     unet_to_ldm,
     vae_to_ldm,
 )
 from trainer.formats.safetensors_file import read_metadata
-from trainer.models.loading import BaseModel, load_base_model, save_diffusers_folder
-from trainer.models.single_file import PACKAGED_CONFIGS, checkpoint_prediction_type, load_single_file
+from trainer.models.base_model import BaseModel, TextEncoder
+from trainer.models.export import save_diffusers_folder, save_single_file
+from trainer.models.loading import load_base_model
+from trainer.models.single_file import declared_prediction_type
 from trainer.models.tiny import sd_noise_scheduler, tiny_vae
 from trainer.models.tokenizer import VOCAB_SIZE, clip_tokenizer
 
@@ -79,20 +82,27 @@ def tiny_sd2() -> BaseModel:
             )
         )
         vae = tiny_vae()
-    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
-    for module in parts.values():
+    for module in (unet, vae, text_encoder):
         module.eval()
+    (spec,) = SD2.text_encoders
     return BaseModel(
-        **parts,
-        tokenizer=clip_tokenizer(pad_token="!"),
+        family=SD2,
+        unet=unet,
+        vae=vae,
+        text_encoders=[TextEncoder(spec, clip_tokenizer(pad_token="!"), text_encoder)],
         noise_scheduler=sd_noise_scheduler("v_prediction"),
         source="test",
         name="tiny-sd2",
     )
 
 
-def state_dicts(model) -> tuple[dict, dict, dict]:
-    return tuple(getattr(model, name).state_dict() for name in COMPONENTS)
+def state_dicts(model) -> dict[str, dict]:
+    return {name: part.state_dict() for name, part in model.parts().items()}
+
+
+def components(model) -> dict:
+    """The model's parts and tokenizer by pipeline component name."""
+    return {**model.parts(), "tokenizer": model.text_encoders[0].tokenizer}
 
 
 def image(pipe) -> np.ndarray:
@@ -101,8 +111,9 @@ def image(pipe) -> np.ndarray:
     return pipe("a photo of a frog", num_inference_steps=2, height=64, width=64, generator=generator, output_type="np").images
 
 
-def pipeline(parts: dict, reference: StableDiffusionPipeline) -> StableDiffusionPipeline:
+def pipeline(model: BaseModel, reference: StableDiffusionPipeline) -> StableDiffusionPipeline:
     """Our loaded components with the reference pipeline's sampler."""
+    parts = components(model)
     return StableDiffusionPipeline(
         **{name: parts[name] for name in (*COMPONENTS, "tokenizer")},
         scheduler=reference.scheduler,
@@ -122,7 +133,7 @@ def tiny_files(tiny, tmp_path_factory):
     """The tiny model as a diffusers folder and as an fp32 single file."""
     root = tmp_path_factory.mktemp("tiny-single-file")
     save_diffusers_folder(tiny, root / "diffusers")
-    path = save_single_file(root / "tiny.safetensors", tiny.unet, tiny.vae, tiny.text_encoder, is_v2=False, dtype=torch.float32)
+    path = save_single_file(tiny, root / "tiny.safetensors", dtype=torch.float32)
     return root / "diffusers", path
 
 
@@ -131,10 +142,7 @@ def sd2_files(tmp_path_factory):
     model = tiny_sd2()
     root = tmp_path_factory.mktemp("tiny-sd2-single-file")
     save_diffusers_folder(model, root / "diffusers")
-    path = save_single_file(
-        root / "tiny-sd2.safetensors", model.unet, model.vae, model.text_encoder, is_v2=True,
-        prediction_type="v_prediction", dtype=torch.float32,
-    )
+    path = save_single_file(model, root / "tiny-sd2.safetensors", dtype=torch.float32)
     return model, root / "diffusers", path
 
 
@@ -143,33 +151,33 @@ def sd2_files(tmp_path_factory):
 
 
 def test_diffusers_ldm_diffusers_is_exact(tiny):
-    unet_sd, vae_sd, te_sd = state_dicts(tiny)
-    ldm = diffusers_to_ldm(unet_sd, vae_sd, te_sd, unet_config=tiny.unet.config, is_v2=False)
+    parts = state_dicts(tiny)
+    ldm = to_single_file(parts, unet_config=tiny.unet.config, layout="sd1")
     assert {key.split(".")[0] for key in ldm} == {"model", "first_stage_model", "cond_stage_model"}
-    back = ldm_to_diffusers(ldm, unet_config=tiny.unet.config, is_v2=False)
-    for expected, actual in zip((unet_sd, vae_sd, te_sd), back, strict=True):
-        assert_same_tensors(expected, actual)
+    back = from_single_file(ldm, unet_config=tiny.unet.config, layout="sd1")
+    assert back.keys() == parts.keys()
+    for name, expected in parts.items():
+        assert_same_tensors(expected, back[name])
 
 
 def test_ldm_diffusers_ldm_is_exact(tiny):
-    ldm = diffusers_to_ldm(*state_dicts(tiny), unet_config=tiny.unet.config, is_v2=False)
+    ldm = to_single_file(state_dicts(tiny), unet_config=tiny.unet.config, layout="sd1")
     ldm = {key: tensor.clone() for key, tensor in ldm.items()}
-    again = diffusers_to_ldm(*ldm_to_diffusers(ldm, unet_config=tiny.unet.config, is_v2=False), unet_config=tiny.unet.config, is_v2=False)
+    again = to_single_file(from_single_file(ldm, unet_config=tiny.unet.config, layout="sd1"), unet_config=tiny.unet.config, layout="sd1")
     assert_same_tensors(ldm, again)
 
 
 def test_text_encoder_with_or_without_text_model_prefix(tiny):
-    te_sd = tiny.text_encoder.state_dict()
+    parts = state_dicts(tiny)
+    te_sd = parts["text_encoder"]
     assert not any(key.startswith("text_model.") for key in te_sd)  # transformers >= 5
-    unet_sd, vae_sd, _ = state_dicts(tiny)
-    plain = diffusers_to_ldm(unet_sd, vae_sd, te_sd, unet_config=tiny.unet.config, is_v2=False)
-    with_prefix = {"text_model." + k: v for k, v in te_sd.items()}
-    prefixed = diffusers_to_ldm(unet_sd, vae_sd, with_prefix, unet_config=tiny.unet.config, is_v2=False)
+    plain = to_single_file(parts, unet_config=tiny.unet.config, layout="sd1")
+    prefixed = to_single_file({**parts, "text_encoder": {"text_model." + k: v for k, v in te_sd.items()}}, unet_config=tiny.unet.config, layout="sd1")
     assert plain.keys() == prefixed.keys()
     assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in plain
     # Files written without text_model. (older transformers) read the same.
     legacy = {k.replace("transformer.text_model.", "transformer."): v for k, v in plain.items()}
-    assert_same_tensors(te_sd, ldm_to_diffusers(legacy, unet_config=tiny.unet.config, is_v2=False)[2])
+    assert_same_tensors(te_sd, from_single_file(legacy, unet_config=tiny.unet.config, layout="sd1")["text_encoder"])
 
 
 def test_vae_attention_is_a_1x1_conv_in_ldm(tiny):
@@ -189,16 +197,16 @@ def test_vae_matches_diffusers_converter(tiny):
     assert_same_tensors(vae_sd, convert_ldm_vae_checkpoint(vae_to_ldm(vae_sd), dict(tiny.vae.config)))
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sd2-base"])
-def test_real_architectures_match_diffusers_converter(name):
-    """Full-size SD1.5/SD2.1 names and shapes (meta device): diffusers' converters invert our mapping."""
+@pytest.mark.parametrize("name, tensors", [("sd1", 686), ("sd2", 686), ("sd2-base", 686), ("sdxl", 1680)])
+def test_real_architectures_match_diffusers_converter(name, tensors):
+    """Full-size SD1.5/SD2.1/SDXL names and shapes (meta device): diffusers' converters invert our mapping."""
     folder = PACKAGED_CONFIGS / name
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
     unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
     ldm_unet = unet_to_ldm(unet_sd, unet.config)
-    assert len(ldm_unet) == len(unet_sd) == 686
+    assert len(ldm_unet) == len(unet_sd) == tensors
     back = convert_ldm_unet_checkpoint(ldm_unet, dict(unet.config))
     assert back.keys() == unet_sd.keys() and all(back[k] is unet_sd[k] for k in unet_sd)
     back = convert_ldm_vae_checkpoint(vae_to_ldm(vae_sd), dict(vae.config))
@@ -229,13 +237,46 @@ def test_sd1_unet_names_are_the_real_ones():
     assert not any(".op." in k and "input_blocks.12" in k for k in ldm)
 
 
-def test_sd2_text_encoder_matches_diffusers_converter():
-    """Full-size OpenCLIP-H (meta device): 24 blocks with the dummy copy, and diffusers reads back ours."""
-    config = CLIPTextConfig.from_pretrained(PACKAGED_CONFIGS / "sd2" / "text_encoder")
+def test_sdxl_unet_names_are_the_real_ones():
+    """Spot keys as they appear in sd_xl_base_1.0.safetensors (SGM layout)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(PACKAGED_CONFIGS / "sdxl" / "unet"))
+    ldm = unet_to_ldm(unet.state_dict(), unet.config)
+    expected_shapes = {
+        "label_emb.0.0.weight": (1280, 2816),
+        "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
+        "input_blocks.7.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+        "input_blocks.6.0.op.weight": (640, 640, 3, 3),
+        "middle_block.1.transformer_blocks.9.attn1.to_q.weight": (1280, 1280),
+        "output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "out.2.weight": (4, 320, 3, 3),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(ldm["model.diffusion_model." + key].shape) == shape, key
+    assert not any(key.startswith("model.diffusion_model.output_blocks.8.1.") for key in ldm)  # the last level has no attention
+
+
+@pytest.mark.parametrize("name, component", [("sd2", "text_encoder"), ("sdxl", "text_encoder_2")])
+def test_openclip_text_encoders_match_diffusers_converter(name, component):
+    """Full-size OpenCLIP-H (SD2: 24 blocks with the dummy copy) and OpenCLIP-bigG (SDXL: 32 blocks and the
+    projection) on the meta device: diffusers reads back ours."""
+    from transformers import CLIPTextModelWithProjection
+
+    config = CLIPTextConfig.from_pretrained(PACKAGED_CONFIGS / name / component)
     with init_empty_weights():
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel)(config)
     te_sd = model.state_dict()
-    ldm = sd2_text_encoder_to_ldm(te_sd)
+    (text_layout,) = [layout for layout in TEXT_LAYOUTS[name] if layout.openclip]
+    ldm = text_layout.to_file(te_sd)
+    prefix = text_layout.prefix
+    if name == "sdxl":
+        assert ldm[prefix + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+        assert ldm[prefix + "text_projection"].shape == (1280, 1280) and prefix + "transformer.resblocks.32.ln_1.weight" not in ldm
+        back = convert_open_clip_checkpoint(model, ldm, prefix=prefix)
+        assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in te_sd.items()}
+        return
     assert ldm["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3072, 1024)
     assert "cond_stage_model.model.transformer.resblocks.23.mlp.c_proj.bias" in ldm
     assert "cond_stage_model.model.transformer.resblocks.24.ln_1.weight" not in ldm
@@ -245,24 +286,24 @@ def test_sd2_text_encoder_matches_diffusers_converter():
 
 def test_sd2_round_trip_and_dummy_block():
     model = tiny_sd2()
-    unet_sd, vae_sd, te_sd = state_dicts(model)
-    ldm = diffusers_to_ldm(unet_sd, vae_sd, te_sd, unet_config=model.unet.config, is_v2=True)
+    parts = state_dicts(model)
+    te_sd = parts["text_encoder"]
+    ldm = to_single_file(parts, unet_config=model.unet.config, layout="sd2")
     assert ldm["model.diffusion_model.middle_block.1.proj_in.weight"].ndim == 2  # Linear in SD2
     last, dummy = "cond_stage_model.model.transformer.resblocks.22.", "cond_stage_model.model.transformer.resblocks.23."
     assert torch.equal(ldm[dummy + "attn.in_proj_weight"], ldm[last + "attn.in_proj_weight"])
     q = te_sd["encoder.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(ldm["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"][: q.shape[0]], q)
     assert ldm["cond_stage_model.model.text_projection"].shape == (32, 32)
-    back = ldm_to_diffusers(ldm, unet_config=model.unet.config, is_v2=True)
-    for expected, actual in zip((unet_sd, vae_sd, te_sd), back, strict=True):
-        assert_same_tensors(expected, actual)
+    back = from_single_file(ldm, unet_config=model.unet.config, layout="sd2", text_encoder_layers={"text_encoder": 23})
+    for name, expected in parts.items():
+        assert_same_tensors(expected, back[name])
 
 
 def test_unsupported_unet_config_is_refused():
-    sdxl_like = {"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "layers_per_block": 2}
-    sdxl_like["addition_embed_type"] = "text_time"
-    with pytest.raises(CheckpointLayoutError, match="SD1.x/SD2.x"):
-        unet_module_table(sdxl_like)
+    upscaler_like = {"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"], "layers_per_block": 2, "class_embed_type": "timestep"}
+    with pytest.raises(CheckpointLayoutError, match="SD1.x/SD2.x/SDXL UNet config.*class embeddings"):
+        unet_module_table(upscaler_like)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,9 +324,7 @@ def test_metadata(tiny_files, sd2_files):
 
 
 def test_fp16_export(tiny, tmp_path):
-    path = save_single_file(
-        tmp_path / "half.safetensors", tiny.unet, tiny.vae, tiny.text_encoder, is_v2=False, metadata={"modelspec.title": "Half"}
-    )
+    path = save_single_file(tiny, tmp_path / "half.safetensors", metadata={"modelspec.title": "Half"})
     tensors = load_file(path)
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
     assert read_metadata(path)["modelspec.title"] == "Half"
@@ -305,35 +344,29 @@ def test_diffusers_from_single_file_sd2(sd2_files):
     model, folder, path = sd2_files
     loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
     for name in COMPONENTS:
-        assert_same_tensors(getattr(model, name).state_dict(), getattr(loaded, name).state_dict())
+        assert_same_tensors(model.parts()[name].state_dict(), getattr(loaded, name).state_dict())
 
 
 def test_our_loader_gives_the_same_image(tiny, tiny_files):
     folder, path = tiny_files
-    parts = load_single_file(path, config_dir=folder, allow_unsafe_pickle=False)
-    for name in COMPONENTS:
-        assert_same_tensors(getattr(tiny, name).state_dict(), parts[name].state_dict())
-        assert not parts[name].training
-    scheduler = parts["scheduler"]
+    loaded = load_base_model(str(path), config=str(folder))
+    assert loaded.name == "tiny" and loaded.family.name == "sd1"
+    for name, part in tiny.parts().items():
+        assert_same_tensors(part.state_dict(), loaded.parts()[name].state_dict())
+        assert not loaded.parts()[name].training
+    scheduler = loaded.noise_scheduler
     assert scheduler.config.prediction_type == "epsilon" and scheduler.config.clip_sample is False
     assert scheduler.config.beta_schedule == "scaled_linear"
     reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    np.testing.assert_array_equal(image(reference), image(pipeline(parts, reference)))
-
-
-def test_load_base_model_with_single_file(tiny, tiny_files):
-    folder, path = tiny_files
-    model = load_base_model(str(path), config=str(folder))
-    assert model.name == "tiny" and model.version == "sd_v1"
-    assert_same_tensors(tiny.unet.state_dict(), model.unet.state_dict())
+    np.testing.assert_array_equal(image(reference), image(pipeline(loaded, reference)))
 
 
 def test_ckpt_pickle_loads(tiny, tiny_files, tmp_path):
     folder, path = tiny_files
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": load_file(path), "global_step": 1}, ckpt)
-    parts = load_single_file(ckpt, config_dir=folder, allow_unsafe_pickle=False)
-    assert_same_tensors(tiny.vae.state_dict(), parts["vae"].state_dict())
+    loaded = load_base_model(str(ckpt), config=str(folder))
+    assert_same_tensors(tiny.vae.state_dict(), loaded.vae.state_dict())
 
 
 def test_sd2_loader_prediction_type_and_tokenizer(sd2_files, tmp_path):
@@ -342,21 +375,23 @@ def test_sd2_loader_prediction_type_and_tokenizer(sd2_files, tmp_path):
     shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
     scheduler_file = configs / "scheduler" / "scheduler_config.json"
     scheduler_file.write_text(json.dumps({**json.loads(scheduler_file.read_text()), "prediction_type": "epsilon"}))
-    parts = load_single_file(path, config_dir=configs, allow_unsafe_pickle=False)
-    for name in COMPONENTS:
-        assert_same_tensors(getattr(model, name).state_dict(), parts[name].state_dict())
-    assert parts["scheduler"].config.prediction_type == "v_prediction"  # the file's ModelSpec wins
-    assert parts["tokenizer"].pad_token == "!"  # generated, OpenCLIP padding
+    loaded = load_base_model(str(path), config=str(configs))
+    assert loaded.family.name == "sd2"
+    for name, part in model.parts().items():
+        assert_same_tensors(part.state_dict(), loaded.parts()[name].state_dict())
+    assert loaded.prediction_type == "v_prediction"  # the file's ModelSpec wins
+    assert loaded.text_encoders[0].tokenizer.pad_token == "!"  # generated, OpenCLIP padding
 
 
 def test_sd2_prediction_type_guess():
     key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
     spread = {key: torch.linspace(-1, 1, 320)}
     flat = {key: torch.full((320,), 0.01)}
-    assert checkpoint_prediction_type(spread, {}, is_v2=True) == "v_prediction"
-    assert checkpoint_prediction_type(flat, {}, is_v2=True) == "epsilon"
-    assert checkpoint_prediction_type(spread, {"modelspec.prediction_type": "epsilon"}, is_v2=True) == "epsilon"
-    assert checkpoint_prediction_type(spread, {}, is_v2=False) is None
+    assert SD2.guess_prediction_type(spread) == "v_prediction"
+    assert SD2.guess_prediction_type(flat) == "epsilon"
+    assert declared_prediction_type(spread, {"modelspec.prediction_type": "epsilon"}) == "epsilon"
+    assert declared_prediction_type(spread, {}) is None
+    assert declared_prediction_type({"v_pred": torch.zeros(())}, {}) == "v_prediction"  # v-prediction SDXL files' marker
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +400,7 @@ def test_sd2_prediction_type_guess():
 
 def expect_user_error(path: Path, *fragments: str, config_dir: Path | None = None) -> str:
     with pytest.raises(UserError) as caught:
-        load_single_file(path, config_dir=config_dir, allow_unsafe_pickle=False)
+        load_base_model(str(path), config=str(config_dir) if config_dir else None)
     message = str(caught.value)
     assert str(path) in message
     for fragment in fragments:
@@ -375,12 +410,12 @@ def expect_user_error(path: Path, *fragments: str, config_dir: Path | None = Non
 
 def test_wrong_config_says_to_set_model_config(tiny_files):
     _, path = tiny_files  # tiny weights, but no config: sdtrain assumes SD1.5
-    expect_user_error(path, "stable-diffusion-v1-5", "model.config", "conv_in.weight")
+    expect_user_error(path, "Stable Diffusion 1.x configuration", "model.config", "conv_in.weight")
 
 
 def test_sd1_file_with_sd2_config(tiny_files):
     _, path = tiny_files
-    expect_user_error(path, "SD1 checkpoint", "model.config", config_dir=PACKAGED_CONFIGS / "sd2")
+    expect_user_error(path, "Stable Diffusion 1.x checkpoint", "describes a Stable Diffusion 2.x model", "model.config", config_dir=PACKAGED_CONFIGS / "sd2")
 
 
 def test_garbage_and_truncated_files(tiny_files, tmp_path):
@@ -398,6 +433,7 @@ def test_garbage_and_truncated_files(tiny_files, tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
     expect_user_error(text, "not a PyTorch checkpoint")
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
     expect_user_error(tmp_path / "model.onnx", "extension")
 
 
@@ -407,11 +443,11 @@ def test_other_kinds_of_files(tiny_files, tmp_path):
     save_file({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4)}, lora)
     expect_user_error(lora, "LoRA")
     sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, sdxl)
-    expect_user_error(sdxl, "SDXL")
+    save_file({"model.diffusion_model.out.0.weight": torch.zeros(4), "first_stage_model.x": torch.zeros(1), "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, sdxl)
+    expect_user_error(sdxl, "SDXL-style text encoders but not both")
     no_vae = tmp_path / "no_vae.safetensors"
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("first_stage_model.")}, no_vae)
-    expect_user_error(no_vae, "no VAE")
+    expect_user_error(no_vae, "without a VAE")
     extra = tmp_path / "extra.safetensors"
     save_file({**load_file(path), "model.diffusion_model.input_blocks.99.0.in_layers.0.weight": torch.zeros(2)}, extra)
     expect_user_error(extra, "input_blocks.99", config_dir=tiny_files[0])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.errors import UserError
-from trainer.models.loading import load_base_model, save_diffusers_folder
+from trainer.models.export import save_diffusers_folder
+from trainer.models.loading import load_base_model
 from trainer.models.tokenizer import clip_tokenizer
 
 
@@ -22,7 +23,7 @@ def test_tiny_model_is_identical_on_every_build():
     first, second = load_base_model("tiny"), load_base_model("tiny")
     for name, tensor in first.unet.state_dict().items():
         assert torch.equal(tensor, second.unet.state_dict()[name]), name
-    assert first.version == "sd_v1" and first.vae_scale_factor == 8
+    assert first.family.name == "sd1" and first.vae_scale_factor == 8
 
 
 def test_hub_id_loads_from_the_local_cache_only(tmp_path, monkeypatch):

@@ -140,15 +140,23 @@ def _refusal(fatal: list[Problem]) -> str | None:
 
 def inspect_data(target: str, *, resolution: int | None = None, top_tags: int = 20) -> Inspection:
     """The report for a data folder or a recipe YAML. ``resolution`` overrides the recipe's, and
-    defaults to 512 for a folder. Raises UserError only when the target itself cannot be read (or
+    defaults to 512 for a folder (and to the model family's for a recipe that leaves it unset). Raises UserError only when the target itself cannot be read (or
     the recipe has a value that cannot train); problems of the data are in the report."""
     path = Path(target)
     if path.is_dir():
         cfg, how = _folder_config(path, resolution or DEFAULT_RESOLUTION)
         title = f"Data folder {path} ({how})"
     elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        cfg = load_recipe(path, [f"data.resolution={resolution}"] if resolution else []).data
+        recipe = load_recipe(path, [f"data.resolution={resolution}"] if resolution else [])
+        cfg = recipe.data
         title = f"Data of recipe {path}"
+        if cfg.resolution is None:
+            # As training does: the model family's default (the base is located, not loaded).
+            from trainer.models.loading import locate_base
+
+            family = locate_base(recipe.model.base, recipe.model.family, recipe.model.allow_unsafe_pickle).family
+            cfg.resolution = family.default_resolution
+            title += f" (resolution: the {family.title} default)"
     elif path.exists():
         raise UserError(f"'{target}' is neither a folder nor a .yaml recipe. Pass a data folder or a recipe file to `sdtrain data inspect`.")
     else:

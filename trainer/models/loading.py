@@ -259,6 +259,19 @@ def _load_vae(vae: str, base_vae: AutoencoderKL, family, allow_unsafe_pickle: bo
     raise UserError(f"model.vae '{vae}' does not exist. Set it to a diffusers VAE folder or a .safetensors VAE file, or remove it.")
 
 
+def _check_config_family(source: BaseSource, config: Path) -> None:
+    """``model.config`` must describe a model of the single file's family (where its folder can tell)."""
+    if not (config / "model_index.json").is_file():
+        return  # a folder of bare configs: the strict load reports any mismatch, part by part
+    described, evidence, decisive = _folder_family(config, str(config))
+    if decisive and described is not source.family:
+        raise UserError(
+            f"model.base '{source.base}' is a {source.family.title} checkpoint ({source.evidence}), but model.config "
+            f"'{config}' describes a {described.title} model ({evidence}). Set model.config to the diffusers folder of the "
+            "model this file was made from (or of the same architecture), or leave it unset."
+        )
+
+
 def load_base_model(
     base: str | BaseSource,
     *,
@@ -280,6 +293,8 @@ def load_base_model(
     elif source.kind == "folder":
         parts = _folder_parts(source)
     else:
+        if config:
+            _check_config_family(source, Path(config))
         tensors, metadata = (source.tensors, source.metadata) if source.tensors is not None else read_state_dict(source.path, allow_unsafe_pickle)
         source.tensors = None  # the loaded model holds the weights now
         parts = load_single_file(source.path, found, tensors, metadata, Path(config) if config else None)
