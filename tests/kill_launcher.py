@@ -14,7 +14,8 @@ operation named by ``<point>`` whose path matches ``<point>``'s glob. ``<point>`
                       complete, the next one half, the rest missing
 - ``after-replace``   just after the rename
 - ``midway-rmtree``   in the middle of deleting a folder: the first half of its files (by name) are gone
-                      (a folder is deleted in the order the file system lists it, so any part may go first)
+- ``midway-rmtree-reversed``  the same, the last half of its files (by name) gone (a folder is deleted in
+                      the order the file system lists it, so any part of it may go first)
 
 ``none`` as the point runs the command without a kill. The package has no test hooks: the points are
 the toolkit's own calls of ``os.replace``/``os.rename`` and ``shutil.rmtree``, patched here.
@@ -39,7 +40,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MOMENTS = {"before-replace", "midway-replace", "after-replace", "midway-rmtree"}
+MOMENTS = {"before-replace", "midway-replace", "after-replace", "midway-rmtree", "midway-rmtree-reversed"}
 
 
 def _die() -> None:
@@ -80,12 +81,12 @@ def install_kill_point(point: str, n: int) -> None:
         calls += 1
         return calls == n
 
-    if moment == "midway-rmtree":
+    if moment.startswith("midway-rmtree"):
         rmtree = shutil.rmtree
 
         def killing_rmtree(path, *args, **kwargs):
             if due(path):
-                files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+                files = sorted((p for p in Path(path).rglob("*") if p.is_file()), reverse=moment.endswith("-reversed"))
                 for gone in files[: max(1, len(files) // 2)]:
                     gone.unlink()
                 _die()

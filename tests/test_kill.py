@@ -280,16 +280,21 @@ def test_resume_killed_while_it_rewrites_the_final_checkpoint_can_be_resumed(lau
 
 @pytest.mark.xfail(
     strict=True,
-    reason="KNOWN PROBLEM in trainer/atomic.py (and checkpoint.py): a write killed midway leaves its temporary "
-    "(.NAME.*.tmp file or .NAME.*.partial folder) behind for good; for DreamBooth each is a whole model. Fix: before "
-    "writing a file or staging a folder, delete the stale temporaries of that same target (only an interrupted write "
-    "of it can have left them: one run writes an output folder), or sweep checkpoints/.step-*.partial when saving.",
+    reason="KNOWN PROBLEM in trainer/atomic.py and trainer/checkpoint.py: a write killed midway leaves its temporary "
+    "(.NAME.*.tmp file, .NAME.*.partial folder) behind for good, and a rotation killed after it deleted an old "
+    "checkpoint's state.json leaves the rest of that folder, which rotation no longer sees; for DreamBooth each is a "
+    "whole model. Fix: before writing a file or staging a folder, delete the stale temporaries of that same target "
+    "(only an interrupted write of it can have left them: one run writes an output folder); rotation renames a "
+    "checkpoint to a hidden name before deleting it, and saving a checkpoint sweeps checkpoints/.step-* leftovers.",
 )
-def test_killed_writes_leave_no_temporary_files_once_the_run_ends(launcher, tmp_path):
+def test_killed_writes_and_deletions_leave_nothing_behind_once_the_run_ends(launcher, tmp_path):
     out = tmp_path / "out"
     kills = [
         Kill(f"midway-replace:{out}/checkpoints/step-00000002", None),
+        # Saving step 4 deletes step 2.
+        Kill(f"midway-rmtree-reversed:{out}/checkpoints/step-00000002", 4),
         Kill(f"midway-replace:{out}/sls_frog.safetensors", 4),
     ]
     _kill_and_continue(launcher, SMALL_LORA, out, tmp_path, kills, tmp_path / "logs")
     assert sorted(str(path.relative_to(out)) for path in out.rglob(".*")) == []
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-00000004"]
