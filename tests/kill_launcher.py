@@ -3,9 +3,10 @@
     python tests/kill_launcher.py <point> <n> -- train recipes/sls_frog_lora.yaml key=value ...
 
 runs the command line in this process and kills the process (SIGKILL: no cleanup code, no flushing,
-exactly what an out-of-memory kill or a power cut of the process does) at the ``n``-th call of the
-operation named by ``<point>`` whose path matches ``<point>``'s glob. ``<point>`` is
-``<moment>-<operation>:<glob>`` (the glob is matched against the whole path, as ``fnmatch`` does):
+what an out-of-memory kill or ``kill -9`` does; not a power cut, which also loses what the OS had not yet
+written to disk) at the ``n``-th call of the operation ``<point>`` names on a path its glob matches.
+``<point>`` is ``<moment>:<glob>`` (the glob is matched against the whole path, as ``fnmatch`` does),
+the moment one of:
 
 - ``before-replace``  just before a file or folder is renamed into place: its content is complete
                       under the temporary name
