@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL.PngImagePlugin import PngInfo
 
+from trainer import diffusion
 from trainer.atomic import write_file
 from trainer.models.loading import BaseModel
 from trainer.recipe import Recipe
@@ -63,6 +64,19 @@ def sampling_pipeline(model: BaseModel, device: torch.device):
     return pipe.to(device)
 
 
+def prompt_embeddings(pipe, prompts: list[str], clip_skip: int, device: torch.device) -> torch.Tensor:
+    """What ``pipe``'s UNet is conditioned on for ``prompts``: the text encoder's hidden states as training forms
+    them (``diffusion.encode_prompts``), each multi-vector textual-inversion word first expanded to all its vectors
+    as the pipeline would.
+
+    Given to the pipeline as ``prompt_embeds``/``negative_prompt_embeds`` because its own ``clip_skip`` reads
+    ``text_encoder.text_model``, which transformers 5's CLIPTextModel no longer has; this way clip skip also applies
+    to the negative prompt, as in AUTOMATIC1111 and kohya's samples.
+    """
+    with torch.no_grad():
+        return diffusion.encode_prompts(pipe.tokenizer, pipe.text_encoder, pipe.maybe_convert_prompt(prompts, pipe.tokenizer), clip_skip, device)
+
+
 def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, device: torch.device) -> list[Path]:
     """One PNG per prompt, seeded; leaves every training RNG and module mode as it found them."""
     cfg = recipe.sample
@@ -77,14 +91,13 @@ def write_samples(model: BaseModel, recipe: Recipe, step: int, directory: Path, 
         for index, prompt in enumerate(cfg.prompts):
             generator = torch.Generator("cpu").manual_seed(cfg.seed + index)
             image = pipe(
-                prompt,
-                negative_prompt=cfg.negative_prompt or None,
+                prompt_embeds=prompt_embeddings(pipe, [prompt], recipe.model.clip_skip, device),
+                negative_prompt_embeds=prompt_embeddings(pipe, [cfg.negative_prompt], recipe.model.clip_skip, device),
                 width=width,
                 height=height,
                 num_inference_steps=cfg.steps,
                 guidance_scale=cfg.guidance_scale,
                 generator=generator,
-                clip_skip=recipe.model.clip_skip - 1 or None,
             ).images[0]
             path = save_png_with_settings(
                 directory / f"step-{step:08d}-{index:02d}.png", image, prompt=prompt, negative_prompt=cfg.negative_prompt,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from trainer.data.sources import is_image
 from trainer.errors import UserError
 from trainer.models.loading import BaseModel
-from trainer.sampling import sampling_pipeline, save_png_with_settings
+from trainer.sampling import prompt_embeddings, sampling_pipeline, save_png_with_settings
 
 # Room for a PNG's header and text chunks on top of its pixel data.
 _PNG_OVERHEAD = 4096
@@ -116,15 +116,14 @@ def generate_class_images(model: BaseModel, request: ClassImageRequest, indices:
             chunk = indices[start:start + request.batch_size]
             seeds = [request.seed + index for index in chunk]
             images = pipe(
-                [request.prompt] * len(chunk),
-                negative_prompt=[request.negative_prompt] * len(chunk) if request.negative_prompt else None,
+                prompt_embeds=prompt_embeddings(pipe, [request.prompt] * len(chunk), request.clip_skip, device),
+                negative_prompt_embeds=prompt_embeddings(pipe, [request.negative_prompt] * len(chunk), request.clip_skip, device),
                 width=request.width,
                 height=request.height,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance_scale,
                 # One generator per image: its picture depends on its own seed, not on the batch it is drawn in.
                 generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-                clip_skip=request.clip_skip - 1 or None,
             ).images
             for index, seed, image in zip(chunk, seeds, images, strict=True):
                 paths.append(
