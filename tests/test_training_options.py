@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -115,6 +116,18 @@ def test_clip_skip_encodes_prompts_as_diffusers_does(clip_skip, monkeypatch):
     # The same modules run on the same token ids in the same order: bit-identical, not merely close.
     assert torch.equal(got, expected)
 
+
+
+def test_samples_follow_clip_skip(tmp_path):
+    from trainer.models.loading import load_base_model
+    from trainer.sampling import write_samples
+
+    pixels = {}
+    for clip_skip in (1, 2):
+        recipe = load_recipe(RECIPE, fast_overrides(tmp_path, **{"model.clip_skip": clip_skip, "sample.prompts": "[sls frog]", "sample.steps": 2}))
+        (path,) = write_samples(load_base_model("tiny"), recipe, 0, tmp_path / f"clip_skip_{clip_skip}", torch.device("cpu"))
+        pixels[clip_skip] = np.asarray(Image.open(path))
+    assert not np.array_equal(pixels[1], pixels[2])
 
 def test_samples_carry_prompt_and_seed_and_logs_are_written(tmp_path):
     result = _train(tmp_path, **{"train.max_steps": 2, "sample.every_steps": 2, "sample.prompts": "[sls frog in a pond]", "sample.steps": 2, "output.tensorboard": True})
