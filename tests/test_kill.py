@@ -102,7 +102,8 @@ def _kills(case: Case, out: Path, class_dir: Path) -> list[Kill]:
         Kill(f"midway-replace:{out}/latent_cache/*", None, n=2),
         Kill(f"after-replace:{out}/samples/step-00000003-00.png", 2),
         Kill(f"midway-replace:{out}/checkpoints/step-00000004", 2),
-        Kill(f"midway-rmtree:{out}/checkpoints/step-00000002", 4),
+        # Rotation renames the old checkpoint to a hidden name, then deletes it.
+        Kill(f"midway-rmtree:{out}/checkpoints/.step-00000002.*.deleting", 4),
         Kill(f"midway-replace:{out}/{case.artifacts[-1]}*", 6),
     ]
 
@@ -241,60 +242,52 @@ def test_run_killed_at_every_kind_of_write_ends_as_if_never_killed(method, launc
         _assert_same_files(class_dir, reference_class_dir)
 
 
-# --- Known problems in trainer/loop.py, trainer/checkpoint.py and trainer/atomic.py --------------------
-# Each test below fails today and is marked xfail(strict=True): it will fail as XPASS once the problem is
-# fixed, and the mark must go then.
+# --- Writes that once went wrong when killed -----------------------------------------------------------
 
 SMALL_LORA = Case("sls_frog_lora.yaml", ("sls_frog.safetensors",), {"train.max_steps": 4})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN PROBLEM in trainer/loop.py: a step's checkpoint is saved before its samples are drawn, and a resumed "
-    "run never draws the samples of the step it resumes at. Fix: draw the samples before saving the checkpoint "
-    "(sampling restores every RNG, so the order changes no weights); then a complete checkpoint implies its samples.",
-)
 def test_samples_due_at_a_checkpoint_survive_a_kill_between_the_two(launcher, tmp_path):
+    """A resumed run never draws the samples of the step it resumes at: they are drawn before that step's checkpoint."""
     case = replace(SMALL_LORA, overrides={**SMALL_LORA.overrides, "sample.every_steps": 2})
     out = tmp_path / "out"
     _kill_and_continue(launcher, case, out, tmp_path, [Kill(f"after-replace:{out}/checkpoints/step-00000002", 2)], tmp_path / "logs")
     assert sorted(path.name for path in (out / "samples").iterdir()) == ["step-00000002-00.png", "step-00000004-00.png"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN PROBLEM in trainer/loop.py and trainer/atomic.py: a run resumed from the checkpoint of its last step "
-    "saves that checkpoint again, and staged_directory replaces a folder by deleting the old one before renaming the "
-    "new one in: killed while deleting, the folder keeps state.json but lacks tensor files, and `--resume latest` picks "
-    "it and fails. Fix both: loop.py must not rewrite the checkpoint it resumed from; staged_directory must rename the "
-    "old folder aside (hidden name), rename the new one in, and only then delete the old one.",
-)
-def test_resume_killed_while_it_rewrites_the_final_checkpoint_can_be_resumed(launcher, tmp_path):
+def test_a_run_resumed_at_its_last_checkpoint_does_not_rewrite_it(launcher, tmp_path):
+    """Killed while exporting, the run resumes at its final checkpoint and only exports: rewriting that checkpoint
+    would open a window in which a second kill leaves it damaged."""
     out = tmp_path / "out"
-    kills = [
-        Kill(f"midway-replace:{out}/sls_frog.safetensors", 4),
-        Kill(f"midway-rmtree:{out}/checkpoints/step-00000004", 4),
-    ]
-    _kill_and_continue(launcher, SMALL_LORA, out, tmp_path, kills, tmp_path / "logs")
+    argv = _argv(SMALL_LORA, out, tmp_path)
+    assert launcher.run(argv, tmp_path / "killed.log", f"midway-replace:{out}/sls_frog.safetensors", 1) == -signal.SIGKILL
+    final = out / "checkpoints" / "step-00000004"
+    before = {path.name: path.stat().st_ino for path in final.iterdir()}
+    assert launcher.run(argv + ["--resume", "latest"], tmp_path / "resumed.log") == 0
+    assert {path.name: path.stat().st_ino for path in final.iterdir()} == before
+    assert "Nothing left to train" in (tmp_path / "resumed.log").read_text() and (out / "sls_frog.safetensors").is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN PROBLEM in trainer/atomic.py and trainer/checkpoint.py: a write killed midway leaves its temporary "
-    "(.NAME.*.tmp file, .NAME.*.partial folder) behind for good, and a rotation killed after it deleted an old "
-    "checkpoint's state.json leaves the rest of that folder, which rotation no longer sees; for DreamBooth each is a "
-    "whole model. Fix: before writing a file or staging a folder, delete the stale temporaries of that same target "
-    "(only an interrupted write of it can have left them: one run writes an output folder); rotation renames a "
-    "checkpoint to a hidden name before deleting it, and saving a checkpoint sweeps checkpoints/.step-* leftovers.",
-)
 def test_killed_writes_and_deletions_leave_nothing_behind_once_the_run_ends(launcher, tmp_path):
+    """Temporaries of killed writes and checkpoints whose deletion was killed are swept: for DreamBooth each is a whole model."""
     out = tmp_path / "out"
     kills = [
         Kill(f"midway-replace:{out}/checkpoints/step-00000002", None),
         # Saving step 4 deletes step 2.
-        Kill(f"midway-rmtree-reversed:{out}/checkpoints/step-00000002", 4),
+        Kill(f"midway-rmtree-reversed:{out}/checkpoints/.step-00000002.*.deleting", 4),
         Kill(f"midway-replace:{out}/sls_frog.safetensors", 4),
     ]
     _kill_and_continue(launcher, SMALL_LORA, out, tmp_path, kills, tmp_path / "logs")
     assert sorted(str(path.relative_to(out)) for path in out.rglob(".*")) == []
     assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-00000004"]
+
+
+def test_a_checkpoint_missing_a_file_is_named_with_the_fix(tmp_path):
+    from trainer.checkpoint import load_checkpoint
+    from trainer.errors import UserError
+
+    folder = tmp_path / "checkpoints" / "step-00000002"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(UserError, match=r"step-00000002' is incomplete: trainable.safetensors, optimizer.safetensors, rng.safetensors missing"):
+        load_checkpoint(folder)

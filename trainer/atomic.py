@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import glob
 import os
 import shutil
 import sys
@@ -33,10 +34,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what an interrupted write or replacement of ``path`` left beside it (``.{name}.*.tmp`` files,
+    ``.{name}.*.partial`` and ``.{name}.*.replaced`` folders).
+
+    Only a killed write of this same target can have made them: one run writes an output folder, and
+    it is about to write ``path`` again.
+    """
+    path = Path(path)
+    if path.parent.is_dir():
+        for suffix in (".tmp", ".partial", ".replaced"):
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+                _remove(stale)
+
+
 def write_file(path: Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` and rename the result to ``path`` once it is complete and synced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -71,6 +87,7 @@ def _staged(path: Path, put_in_place: Callable[[Path, Path], None]) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp

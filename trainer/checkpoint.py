@@ -17,9 +17,11 @@ swapped in for the old (``trainer.atomic.replaced_directory``), so the step is n
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from trainer.atomic import replaced_directory
 from trainer.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 FORMAT_VERSION = 1
 # Optimizer values the recipe sets per parameter group that a resume may change ("initial_lr" is the
 # group's learning rate before the schedule's factor).
@@ -119,6 +122,7 @@ def save_checkpoint(
         # CPU results are bit-identical only with the same thread count (float sums split by thread).
         "cpu_threads": torch.get_num_threads(),
     }
+    sweep_leftovers(output_dir)
     with replaced_directory(target) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}, tmp / "trainable.safetensors")
         save_file(optimizer_tensors, tmp / "optimizer.safetensors")
@@ -148,7 +152,20 @@ def _rotate(root: Path, keep: int, step: int) -> None:
     if keep <= 0:
         return
     for _, old in [found for found in _complete_checkpoints(root) if found[0] <= step][:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed to a hidden name first: a deletion killed halfway then leaves no step-… folder that
+        # lacks some of its files (and that a later rotation would never see); the next save sweeps it.
+        doomed = old.parent / f".{old.name}.{uuid.uuid4().hex[:8]}.deleting"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_leftovers(output_dir: Path) -> None:
+    """Delete the hidden checkpoint folders an interrupted save or rotation left (one run writes an output
+    folder, and it is the one starting or saving now)."""
+    root = Path(output_dir) / "checkpoints"
+    if root.is_dir():
+        for leftover in root.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -212,4 +229,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise UserError(f"Checkpoint '{path}' cannot be read ({err}). Resume from an earlier checkpoint folder.") from None
     if state.get("format") != FORMAT_VERSION:
         raise UserError(f"Checkpoint '{path}' has format {state.get('format')}, this sdtrain reads format {FORMAT_VERSION}.")
+    missing = [name for name in TENSOR_FILES if not (path / name).is_file()]
+    if missing:
+        raise UserError(
+            f"Checkpoint '{path}' is incomplete: {', '.join(missing)} missing (it was damaged outside sdtrain). "
+            "Resume from an earlier checkpoint folder with --resume <folder>, or move this one away."
+        )
     return Checkpoint(path, state)

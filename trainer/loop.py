@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from trainer import diffusion
 from trainer.atomic import write_text
-from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint
+from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint, sweep_leftovers
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
@@ -164,6 +164,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     if earlier and not overwrite:
         raise refuse_earlier_run(output_dir, earlier)
     checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
+    sweep_leftovers(output_dir)
 
     data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
@@ -286,24 +287,33 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
             bar.set_postfix(loss=f"{step_loss:.4f}", epoch=progress.epoch)
             bar.update(1)
             step_loss = 0.0
-            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
-                save()
+            # Samples before the checkpoint of the same step: a run resumed from that checkpoint never draws
+            # them, so a complete checkpoint must imply its samples. (Sampling leaves every RNG as it was.)
             if recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0:
                 sample()
+            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
+                save()
         if progress.batch_in_epoch >= len(batches):
             progress.epoch += 1
             progress.batch_in_epoch = 0
     bar.close()
 
-    if not result.checkpoints or result.checkpoints[-1].name != f"step-{progress.step:08d}":
-        save()
     if recipe.sample.prompts and not (recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0):
         sample()
+    # The final state is checkpointed once: not again by a run resumed from it (rewriting it would only
+    # open a window in which a kill damages it).
+    saved_steps = [checkpoint.progress.step] if checkpoint else []
+    saved_steps += [int(path.name.removeprefix("step-")) for path in result.checkpoints]
+    if progress.step not in saved_steps:
+        save()
     context = ExportContext(output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data)
     result.artifacts = method.export(context)
     accelerator.end_training()
     elapsed = time.perf_counter() - started
-    print(f"Trained {recipe.method} for {progress.step} steps in {elapsed:.1f}s; final loss {result.final_loss:.4f}.")
+    if result.step_seconds:
+        print(f"Trained {recipe.method} for {progress.step} steps in {elapsed:.1f}s; final loss {result.final_loss:.4f}.")
+    else:
+        print(f"Nothing left to train: the run had reached step {progress.step} of {cfg.max_steps}; wrote its artifacts.")
     for path in result.artifacts:
         print(f"Wrote {path}")
     return result

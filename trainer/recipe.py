@@ -309,7 +309,8 @@ def _data_problems(cfg: DataConfig) -> list[str]:
     return problems + broken("data", cfg, [
         ("cache_latents", cfg.cache_latents in MODES, one_of(cfg.cache_latents, MODES)),
         ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs in MODES, one_of(cfg.cache_text_encoder_outputs, MODES)),
-        ("max_token_length", cfg.max_token_length in MAX_TOKEN_LENGTHS, one_of(cfg.max_token_length, MAX_TOKEN_LENGTHS)),
+        ("max_token_length", cfg.max_token_length in MAX_TOKEN_LENGTHS,
+         f"use one of {', '.join(map(str, MAX_TOKEN_LENGTHS))}: the caption's tokens, in windows of 75 (CLIP's own length)."),
     ])
 
 
