@@ -21,6 +21,8 @@ from trainer.formats.safetensors_file import read_metadata
 from trainer.loop import train
 from trainer.methods.dreambooth import class_images
 from trainer.methods.dreambooth.method import DreamBoothMethod
+from trainer.methods.base import TrainingBatch
+from trainer.models.conditioning import ImageGeometry
 from trainer.models.loading import load_base_model
 from trainer.recipe import load_recipe
 
@@ -114,7 +116,8 @@ def test_class_images_are_reused_and_only_missing_ones_drawn(run, class_dir, tmp
 
 def _unet_gradient(method, latents, captions, weights, noise, timesteps):
     method.model.unet.zero_grad(set_to_none=True)
-    method.loss(latents, captions, weights, noise, timesteps).backward()
+    geometry = [ImageGeometry.square(latents.shape[-1] * method.model.vae_scale_factor)] * len(latents)
+    method.loss(TrainingBatch(latents, captions, geometry, weights, noise, timesteps)).backward()
     return torch.cat([p.grad.flatten() for p in method.model.unet.parameters()])
 
 
@@ -134,7 +137,7 @@ def test_prior_loss_enters_the_gradient(run, class_dir, tmp_path):
         is_reg = torch.tensor([item.is_reg for item in batch.items])
         assert batch.loss_weights[is_reg].eq(weight).all() and batch.loss_weights[~is_reg].eq(1.0).all()
         with torch.no_grad():
-            latents = model.vae.encode(batch.pixel_values()).latent_dist.mean * model.vae.config.scaling_factor
+            latents = model.encode_latents(batch.pixel_values())
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
@@ -198,7 +201,7 @@ def test_export_is_the_ema_of_the_trained_weights(run):
     folder = out / "sls_frog_diffusers"
     exported = load_base_model(str(folder))
     for part in ("unet", "text_encoder"):
-        for name, tensor in getattr(exported, part).state_dict().items():
+        for name, tensor in exported.parts()[part].state_dict().items():
             if f"{part}.{name}" in final:
                 assert torch.equal(tensor, final[f"ema.{part}.{name}"]), name
     # The main files keep the float32 EMA; the fp16 variant is that, rounded once.

@@ -78,7 +78,8 @@ def _pipeline(model_dir):
 
 
 def test_diffusers_loads_kohya_file_and_it_changes_the_image(lora_run, tmp_path):
-    from trainer.models.loading import load_base_model, save_diffusers_folder
+    from trainer.models.export import save_diffusers_folder
+    from trainer.models.loading import load_base_model
 
     _, result = lora_run
     save_diffusers_folder(load_base_model("tiny"), tmp_path / "tiny")
@@ -97,7 +98,8 @@ def test_diffusers_format_export_loads(lora_run, tmp_path):
     """The peft layout, saved in output.save_dtype fp16, loads into a plainly loaded float32 pipeline and changes its image."""
     from diffusers import StableDiffusionPipeline
 
-    from trainer.models.loading import load_base_model, save_diffusers_folder
+    from trainer.models.export import save_diffusers_folder
+    from trainer.models.loading import load_base_model
 
     _, result = lora_run
     directory = result.output_dir / "sls_frog_diffusers"

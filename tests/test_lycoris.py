@@ -25,7 +25,7 @@ from tests.tolerances import FP32, FP64, Rounding, assert_close_in_norm, layer_r
 from trainer.checkpoint import resolve_checkpoint
 from trainer.errors import UserError
 from trainer.formats import lycoris as lycoris_format
-from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_name
+from trainer.formats.kohya_lora import UNET_PREFIX, kohya_name
 from trainer.formats.safetensors_file import read_metadata
 from trainer.loop import train
 from trainer.methods.lycoris.config import LycorisConfig
@@ -188,7 +188,7 @@ def run(request, tmp_path_factory, tiny):
     method.setup()
     method.load_trainable_state_dict(load_file(resolve_checkpoint(out, "latest") / "trainable.safetensors"))
     method.model.unet.eval()
-    method.model.text_encoder.eval()
+    method.model.text_encoders[0].model.eval()
     return request.param, recipe, result, method
 
 
@@ -237,14 +237,14 @@ def test_file_merges_into_a_base_model_with_a_multiplier(run, tiny):
     variant, recipe, result, method = run
     modules = lycoris_format.split_modules(load_file(result.artifacts[0]))
     base, merged = tiny, copy.deepcopy(tiny)
-    assert lycoris_format.apply_to_model(load_file(result.artifacts[0]), merged.unet, merged.text_encoder, multiplier=0.5) == []
+    assert lycoris_format.apply_to_model(load_file(result.artifacts[0]), merged, multiplier=0.5) == []
     matched = 0
-    for prefix, part in ((UNET_PREFIX, "unet"), (TEXT_ENCODER_PREFIX, "text_encoder")):
-        before = dict(getattr(base, part).named_modules())
-        for path, layer in getattr(merged, part).named_modules():
+    for part in ("unet", "text_encoder"):
+        before = dict(base.parts()[part].named_modules())
+        for path, layer in merged.parts()[part].named_modules():
             if not isinstance(layer, (nn.Linear, nn.Conv2d)):
                 continue
-            name = kohya_name(prefix, path)
+            name = merged.kohya_name(part, path)
             if name not in modules:
                 assert torch.equal(layer.weight, before[path].weight), path
                 continue
@@ -278,16 +278,16 @@ def test_merged_model_predicts_like_the_trained_one(run, tiny):
     compute what the model with trained adapters computes."""
     variant, recipe, result, method = run
     base = copy.deepcopy(tiny)
-    lycoris_format.apply_to_model(load_file(result.artifacts[0]), base.unet, base.text_encoder, multiplier=1.0)
+    lycoris_format.apply_to_model(load_file(result.artifacts[0]), base, multiplier=1.0)
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 1000, (1, 77), generator=generator)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        states = [m.text_encoder(tokens)[0] for m in (base, method.model)]
+        states = [m.text_encoders[0].model(tokens)[0] for m in (base, method.model)]
         predictions = [m.unet(latents, 500, states[0]).sample for m in (base, method.model)]
     # Bounds 5e-5 (text encoder) and 4.5e-4 (UNet) of the outputs' norms, measured 1e-6 at most. Leaving
     # the file out moves them by 6e-3 (LoKr's text encoder) and 8e-3 ((IA)^3's UNet) at least, 0.1 at most.
-    assert_close_in_norm(states[0], states[1], adapted_rounding(base.text_encoder), what="text encoder states")
+    assert_close_in_norm(states[0], states[1], adapted_rounding(base.text_encoders[0].model), what="text encoder states")
     assert_close_in_norm(predictions[0], predictions[1], adapted_rounding(base.unet), what="UNet prediction")
 
 
@@ -313,26 +313,39 @@ def test_plain_locon_file_loads_in_diffusers_and_predicts_the_same(run, tiny, tm
     variant, recipe, result, method = run
     from diffusers import StableDiffusionPipeline
 
-    from trainer.models.loading import save_diffusers_folder
+    from trainer.models.export import save_diffusers_folder
 
     save_diffusers_folder(tiny, tmp_path / "tiny")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", local_files_only=True, safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(result.artifacts[0].parent), weight_name=result.artifacts[0].name)
     merged = copy.deepcopy(tiny)
-    lycoris_format.apply_to_model(load_file(result.artifacts[0]), merged.unet, merged.text_encoder)
+    lycoris_format.apply_to_model(load_file(result.artifacts[0]), merged)
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, 1000, (1, 77), generator=generator)
     latents = torch.randn(1, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        states = [m.text_encoder(tokens)[0] for m in (pipe, merged)]
+        states = [pipe.text_encoder(tokens)[0], merged.text_encoders[0].model(tokens)[0]]
         predictions = [m.unet(latents, 500, states[1]).sample for m in (pipe, merged)]
         unchanged = tiny.unet(latents, 500, states[1]).sample
-    assert_close_in_norm(states[0], states[1], adapted_rounding(merged.text_encoder), what="text encoder states")
+    assert_close_in_norm(states[0], states[1], adapted_rounding(merged.text_encoders[0].model), what="text encoder states")
     assert_close_in_norm(predictions[0], predictions[1], adapted_rounding(merged.unet), what="UNet prediction")
     assert (predictions[0] - unchanged).abs().max() > 1e-4
 
 
 # --- every algorithm and shape rule on small layers with random tensors (large changes, alpha != rank) --
+
+
+class UNetOnly:
+    """Toy layers as the UNet of a model without text encoders, named as SD1's UNet is (diffusers' paths)."""
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+
+    def text_encoder_modules(self) -> dict:
+        return {}
+
+    def kohya_name(self, component: str, path: str) -> str:
+        return kohya_name(UNET_PREFIX, path)
 
 
 def _toy_model() -> nn.Module:
@@ -366,7 +379,7 @@ CONFIGS = {
 def test_every_algorithm_rebuilds_exactly_with_alpha_and_multiplier(config):
     cfg = LycorisConfig(preset="full", **CONFIGS[config])
     model, pristine = _toy_model(), _toy_model()
-    adapters = add_adapters(model, UNET_PREFIX, cfg, None)
+    adapters = add_adapters(model, lambda path: kohya_name(UNET_PREFIX, path), cfg, None)
     with torch.no_grad():
         for adapter in adapters.values():
             for param in adapter.trained.values():
@@ -375,7 +388,7 @@ def test_every_algorithm_rebuilds_exactly_with_alpha_and_multiplier(config):
     assert_file_matches_adapters(adapters, tensors)
     # Merged at strength 0.7, the base layers get the UIs' W0 + 0.7 * (W' - W0).
     merged = _toy_model()
-    assert lycoris_format.apply_to_model(tensors, merged, nn.Module(), multiplier=0.7) == []
+    assert lycoris_format.apply_to_model(tensors, UNetOnly(merged), multiplier=0.7) == []
     modules = lycoris_format.split_modules(tensors)
     for path, layer in merged.named_modules():
         name = kohya_name(UNET_PREFIX, path)

@@ -86,7 +86,7 @@ def no_model(monkeypatch):
         raise AssertionError("the base model was loaded before the bad recipe value was refused")
 
     monkeypatch.setattr("trainer.models.loading.load_base_model", refuse)
-    monkeypatch.setattr("trainer.loop.load_base_model", refuse)
+    monkeypatch.setattr("trainer.loop.load_recipe_model", refuse)
 
 
 def _refused(capsys, recipe: str, overrides: list[str]) -> str:
@@ -145,6 +145,9 @@ BAD_VALUES = [
     ("sls_frog_lora", "model.base=''", "model.base"),
     ("sls_frog_lora", "model.prediction_type=v", "model.prediction_type"),
     ("sls_frog_lora", "model.clip_skip=0", "model.clip_skip"),
+    ("sls_frog_lora", "model.family=sdxl2", "model.family"),
+    ("sls_frog_lora", "data.max_token_length=100", "data.max_token_length"),
+    ("sls_frog_lora", "data.cache_text_encoder_outputs=gpu", "data.cache_text_encoder_outputs"),
     ("sls_frog_lora", "lora.rank=0", "lora.rank"),
     ("sls_frog_lora", "lora.alpha=0", "lora.alpha"),
     ("sls_frog_lora", "lora.dropout=1.0", "lora.dropout"),

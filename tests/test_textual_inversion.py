@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, draw, fast_overrides
 from tests.tolerances import assert_close_in_norm, layer_rounding
-from trainer import diffusion, loop
+from trainer import loop
 from trainer.data import TrainingData
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata
 from trainer.formats.textual_inversion import read_embedding
 from trainer.methods.textual_inversion.method import OBJECT_TEMPLATES, TextualInversionMethod
-from trainer.models.loading import load_base_model, save_diffusers_folder
+from trainer.models.export import save_diffusers_folder
+from trainer.models.loading import load_base_model, load_recipe_model
 from trainer.recipe import load_recipe
 
 RECIPE = REPO / "recipes" / "sls_frog_ti.yaml"
@@ -29,7 +30,7 @@ def _recipe(output_dir, **overrides):
     return load_recipe(RECIPE, fast_overrides(output_dir, **overrides))
 
 
-def _train_keeping_model(recipe, load=load_base_model):
+def _train_keeping_model(recipe, load=load_recipe_model):
     """Run the loop with the base model from ``load`` and hand that model back too (the loop only returns files)."""
     models = []
 
@@ -38,15 +39,22 @@ def _train_keeping_model(recipe, load=load_base_model):
         return models[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_base_model", load_and_keep)
+        patch.setattr(loop, "load_recipe_model", load_and_keep)
         result = loop.train(recipe, show_progress=False)
     return result, models[0]
 
 
 def _trained_vectors(model) -> torch.Tensor:
-    ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(TOKENS))
+    (text_encoder,) = model.text_encoders
+    ids = torch.tensor(text_encoder.tokenizer.convert_tokens_to_ids(TOKENS))
     with torch.no_grad():
-        return model.text_encoder.get_input_embeddings()(ids).float()
+        return text_encoder.model.get_input_embeddings()(ids).float()
+
+
+def _vectors(path) -> torch.Tensor:
+    """The vectors of a one-text-encoder embedding file."""
+    (vectors,) = read_embedding(path).vectors.values()
+    return vectors
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +84,18 @@ def test_only_the_placeholder_rows_change(tmp_path, optimizer):
     recipe = _recipe(tmp_path, **{"train.max_steps": 3, "train.optimizer": optimizer, "train.weight_decay": 0.5, "train.lr": 0.05})
     _, trained = _train_keeping_model(recipe)
     base = load_base_model("tiny")
-    base_table = base.text_encoder.get_input_embeddings().weight
+    base_encoder, trained_encoder = base.text_encoders[0], trained.text_encoders[0]
+    base_table = base_encoder.model.get_input_embeddings().weight
     with torch.no_grad():
-        looked_up = trained.text_encoder.get_input_embeddings()(torch.arange(base_table.shape[0]))
+        looked_up = trained_encoder.model.get_input_embeddings()(torch.arange(base_table.shape[0]))
     assert torch.equal(looked_up, base_table), "a row of the original vocabulary changed"
-    embedding_names = {name for name, _ in base.text_encoder.named_parameters() if "token_embedding" in name}
-    for part in ("unet", "vae", "text_encoder"):
-        trained_params = dict(getattr(trained, part).named_parameters())
-        for name, param in getattr(base, part).named_parameters():
+    embedding_names = {name for name, _ in base_encoder.model.named_parameters() if "token_embedding" in name}
+    for part, module in base.parts().items():
+        trained_params = dict(trained.parts()[part].named_parameters())
+        for name, param in module.named_parameters():
             if name not in embedding_names:
                 assert torch.equal(trained_params[name], param), f"{part}.{name} changed"
-    frog = base_table[base.tokenizer.convert_tokens_to_ids("frog</w>")]
+    frog = base_table[base_encoder.tokenizer.convert_tokens_to_ids("frog</w>")]
     vectors = _trained_vectors(trained)
     assert vectors.shape == (2, base_table.shape[1])
     assert all(not torch.equal(vector, frog) for vector in vectors), "the placeholder's vectors did not train"
@@ -124,10 +133,10 @@ def test_diffusers_loads_each_format_with_the_trained_vectors(ti_run, tiny_folde
     assert pipe.maybe_convert_prompt("a photo of sls_frog", pipe.tokenizer) == "a photo of sls_frog sls_frog_1"
     with torch.no_grad():
         from_pipeline, _ = pipe.encode_prompt("a photo of sls_frog", "cpu", 1, False)
-        from_training = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["a photo of sls_frog sls_frog_1"], 1, torch.device("cpu"))
+        from_training = model.encode_text(["a photo of sls_frog sls_frog_1"]).hidden_states
     # Two codes running the same text encoder: rounding through its layers, bound 4e-5 of the states'
     # norm (measured 0). The word without its second vector moves them by 0.18, the initializer's by 0.44.
-    assert_close_in_norm(from_pipeline, from_training, layer_rounding(model.text_encoder), what="prompt embedding")
+    assert_close_in_norm(from_pipeline, from_training, layer_rounding(model.text_encoders[0].model), what="prompt embedding")
     draw(pipe, "a photo of sls_frog")
 
 
@@ -136,7 +145,7 @@ def test_half_diffusers_embedding_loads_into_a_plainly_loaded_pipeline(tmp_path,
     recipe = _recipe(tmp_path, **{"train.max_steps": 2, "output.save_dtype": "fp16", "output.formats": "[diffusers]"})
     result, model = _train_keeping_model(recipe)
     (path,) = result.artifacts
-    assert read_embedding(path).vectors.dtype == torch.float16
+    assert _vectors(path).dtype == torch.float16
     pipe = _pipeline(tiny_folder)
     pipe.load_textual_inversion(str(path.parent))
     assert pipe.text_encoder.dtype == torch.float32
@@ -186,7 +195,7 @@ def test_multi_vector_embedding_round_trips_through_every_format(ti_run):
     _, result, model = ti_run
     for path, token in zip(result.artifacts, [None, "sls_frog", "sls_frog"]):
         embedding = read_embedding(path)
-        assert torch.equal(embedding.vectors, _trained_vectors(model)), path.name
+        assert torch.equal(embedding.vectors[None], _trained_vectors(model)), path.name
         assert embedding.token == token, path.name
 
 
@@ -239,7 +248,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         expected, actual = load_file(full.checkpoints[-1] / name), load_file(resumed.checkpoints[-1] / name)
         assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected), name
-    assert torch.equal(read_embedding(full.artifacts[0]).vectors, read_embedding(resumed.artifacts[0]).vectors)
+    assert torch.equal(_vectors(full.artifacts[0]), _vectors(resumed.artifacts[0]))
 
 
 def test_sd2_width_text_encoder(tmp_path):
@@ -247,8 +256,9 @@ def test_sd2_width_text_encoder(tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from trainer.families.sd import SD2
     from trainer.models import tiny
-    from trainer.models.loading import BaseModel
+    from trainer.models.base_model import BaseModel, TextEncoder
     from trainer.models.tokenizer import clip_tokenizer
 
     width = 1024
@@ -256,18 +266,18 @@ def test_sd2_width_text_encoder(tmp_path):
         **{**tiny.tiny_text_encoder().config.to_dict(), "hidden_size": width, "intermediate_size": width, "num_hidden_layers": 1, "num_attention_heads": 16, "projection_dim": width}
     )
     sd2_like = BaseModel(
+        family=SD2,
         unet=UNet2DConditionModel.from_config({**tiny.tiny_unet().config, "cross_attention_dim": width}),
         vae=tiny.tiny_vae(),
-        text_encoder=CLIPTextModel(text_config),
-        tokenizer=clip_tokenizer(pad_token="!"),
+        text_encoders=[TextEncoder(SD2.text_encoders[0], clip_tokenizer(pad_token="!"), CLIPTextModel(text_config))],
         noise_scheduler=tiny.sd_noise_scheduler(),
         source="sd2-like",
         name="sd2-like",
     )
-    untrained_text_encoder = {key: value.clone() for key, value in sd2_like.text_encoder.state_dict().items()}
+    untrained_text_encoder = {key: value.clone() for key, value in sd2_like.text_encoders[0].model.state_dict().items()}
     result, model = _train_keeping_model(_recipe(tmp_path, **{"train.max_steps": 2}), load=lambda *args, **kwargs: sd2_like)
     (path,) = result.artifacts
-    assert read_embedding(path).vectors.shape == (2, width)
+    assert _vectors(path).shape == (2, width)
     assert read_metadata(path)["modelspec.architecture"] == "stable-diffusion-v2-512/textual-inversion"
 
     with torch.device("meta"):

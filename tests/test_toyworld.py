@@ -154,7 +154,7 @@ def test_eval_concept_reads_textual_inversion_in_every_format(tmp_path):
         trained = load_trained_model(tmp_path / "run" / artifact, pretrain.toy_base_dir())
         assert isinstance(trained, TrainedModel) and trained.concept_prompt == "a sls_frog"
         # The word and its second vector are known words now, and the pipeline expands the word to both.
-        assert {"sls_frog", "sls_frog_1"} <= set(trained.model.tokenizer.get_vocab())
+        assert {"sls_frog", "sls_frog_1"} <= set(trained.model.text_encoders[0].tokenizer.get_vocab())
 
 
 @pytest.fixture(scope="module")

@@ -102,17 +102,18 @@ def test_clip_skip_encodes_prompts_as_diffusers_does(clip_skip, monkeypatch):
     from trainer.models.loading import load_base_model
 
     model = load_base_model("tiny")
-    if not hasattr(model.text_encoder, "text_model"):
+    (text_encoder,) = model.text_encoders
+    if not hasattr(text_encoder.model, "text_model"):
         # diffusers 0.42 reaches the final norm through `.text_model`, a level transformers 5 removed from CLIPTextModel.
-        monkeypatch.setattr(type(model.text_encoder), "text_model", property(lambda encoder: encoder), raising=False)
+        monkeypatch.setattr(type(text_encoder.model), "text_model", property(lambda encoder: encoder), raising=False)
     pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet, scheduler=model.noise_scheduler,
+        vae=model.vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer, unet=model.unet, scheduler=model.noise_scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    assert clip_skip <= model.text_encoder.config.num_hidden_layers  # each case picks a layer's output, not the embeddings
+    assert clip_skip <= text_encoder.model.config.num_hidden_layers  # each case picks a layer's output, not the embeddings
     with torch.no_grad():
         expected, _ = pipe.encode_prompt("sls frog", torch.device("cpu"), 1, False, clip_skip=clip_skip - 1 or None)
-        got = diffusion.encode_prompts(model.tokenizer, model.text_encoder, ["sls frog"], clip_skip, torch.device("cpu"))
+        got = model.encode_text(["sls frog"], clip_skip).hidden_states
     # The same modules run on the same token ids in the same order: bit-identical, not merely close.
     assert torch.equal(got, expected)
 

@@ -59,6 +59,10 @@ SCHEDULE = (
 # data.cache_latents is judged by itself in :func:`_cache_note`.
 DATA = ("data.*",)
 
+# Data keys the fingerprint does not see but the trained model does: how captions become text-encoder
+# input. They refuse like any other key.
+CONDITIONING = ("data.max_token_length",)
+
 # Everything else refuses: the method, model.* (the base the trained tensors belong to), the method's
 # own section (tensor shapes, the algorithm), the optimizer and its betas, the schedule's type, batch
 # size, gradient accumulation, seed, mixed precision, noise offset, min-SNR weighting. Sections of
@@ -137,6 +141,13 @@ def _cache_note(old: str, new: str, step: int) -> tuple[str, bool]:
     return "memory and disk caches hold the same latents", True
 
 
+def _text_cache_note(old: str, new: str, step: int) -> tuple[str, bool]:
+    # Cached outputs are encoded one caption at a time, uncached ones with their batch: float rounding apart.
+    if "none" in (old, new):
+        return f"from step {step + 1} on the text encoders' outputs are computed {'per caption' if old == 'none' else 'per batch'}: the same up to float rounding", False
+    return "memory and disk caches hold the same outputs", True
+
+
 def check_resume(checkpoint: Checkpoint, current: dict, source_fingerprint: str, allow_data_change: bool) -> ResumeCheck:
     """Refuse a resume with recipe changes the checkpoint cannot continue with; describe the others.
 
@@ -160,10 +171,12 @@ def check_resume(checkpoint: Checkpoint, current: dict, source_fingerprint: str,
             note, same = _schedule_note(state["recipe"]["train"], current["train"], step)
             same_as_uninterrupted &= same
             notes.append(f"{line} ({note})")
-        elif key == "data.cache_latents":
-            note, same = _cache_note(old, new, step)
+        elif key in ("data.cache_latents", "data.cache_text_encoder_outputs"):
+            note, same = (_cache_note if key == "data.cache_latents" else _text_cache_note)(old, new, step)
             same_as_uninterrupted &= same
             notes.append(f"{line} ({note})")
+        elif _matches(key, CONDITIONING, method):
+            refused.append(line)
         elif _matches(key, DATA, method):
             data_keys.append(line)
         else:
