@@ -52,3 +52,22 @@ def draw(pipe, prompt: str = "sls frog"):
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(3)
     return pipe(prompt, num_inference_steps=3, height=64, width=64, generator=generator, output_type="np").images[0]
+
+
+def train_keeping_model(recipe, load=None, **train_kwargs):
+    """Run the loop and hand back its result and the (trained) model it ran on; ``load`` replaces the
+    loop's ``load_recipe_model`` (e.g. to train on a model built in the test)."""
+    from trainer import loop
+    from trainer.models.loading import load_recipe_model
+
+    load = load or load_recipe_model
+    models = []
+
+    def load_and_keep(*args, **kwargs):
+        models.append(load(*args, **kwargs))
+        return models[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "load_recipe_model", load_and_keep)
+        result = loop.train(recipe, show_progress=False, **train_kwargs)
+    return result, models[0]

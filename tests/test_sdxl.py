@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, fast_overrides
+from tests.conftest import REPO, fast_overrides, train_keeping_model
 from trainer import loop
 from trainer.data.dataset import geometry_of
 from trainer.errors import UserError
@@ -25,7 +25,7 @@ from trainer.formats.safetensors_file import read_metadata
 from trainer.formats.textual_inversion import read_embedding
 from trainer.models.conditioning import ImageGeometry
 from trainer.models.export import save_diffusers_folder, save_single_file, single_file_tensors
-from trainer.models.loading import load_base_model, load_recipe_model
+from trainer.models.loading import load_base_model
 from trainer.recipe import load_recipe
 
 RECIPES = REPO / "recipes" / "sdxl"
@@ -35,20 +35,6 @@ CONTEXT = sum(WIDTHS)
 
 def _recipe(name: str, out, **overrides):
     return load_recipe(RECIPES / f"{name}.yaml", fast_overrides(out, **overrides))
-
-
-def _train_keeping_model(recipe, **kwargs):
-    """The loop's result and the (trained) model it ran on."""
-    models = []
-
-    def load_and_keep(*args, **load_kwargs):
-        models.append(load_recipe_model(*args, **load_kwargs))
-        return models[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_recipe_model", load_and_keep)
-        result = loop.train(recipe, show_progress=False, **kwargs)
-    return result, models[0]
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +247,7 @@ def lora_run(tmp_path_factory):
     recipe = _recipe("sls_frog_lora", out, **{"train.max_steps": 4, "train.save_every_steps": 2, "lora.text_encoder": True,
                                               "lora.feed_forward": True, "lora.conv_rank": 2, "data.cache_text_encoder_outputs": "none",
                                               "output.formats": "[kohya,diffusers]"})
-    return _train_keeping_model(recipe)
+    return train_keeping_model(recipe)
 
 
 def test_lora_file_every_key_is_one_comfyui_loads(lora_run, base):
@@ -303,7 +289,7 @@ def test_lora_merged_as_the_uis_merge_it_predicts_what_training_predicted(lora_r
 def ti_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sdxl_ti")
     recipe = _recipe("sls_frog_ti", out, **{"train.max_steps": 4, "train.save_every_steps": 2, "output.formats": "[a1111,diffusers]"})
-    return _train_keeping_model(recipe)
+    return train_keeping_model(recipe)
 
 
 def test_ti_file_holds_one_table_per_encoder_and_only_new_rows_change(ti_run, base):
@@ -349,7 +335,7 @@ def test_ti_a1111_pt_is_refused_for_two_encoders(tmp_path):
 def test_hypernetwork_on_sdxl_uses_the_text_width_and_the_a1111_reader(tmp_path):
     from tests.test_hypernetwork import a1111_load
 
-    result, trained = _train_keeping_model(_recipe("sls_frog_hypernetwork", tmp_path, **{"train.max_steps": 2}))
+    result, trained = train_keeping_model(_recipe("sls_frog_hypernetwork", tmp_path, **{"train.max_steps": 2}))
     reference = a1111_load(result.output_dir / "sls_frog.pt")
     # One module pair, for the width of SDXL's text context (2048 on the real model), which only cross-attention sees.
     assert sorted(reference) == [CONTEXT]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, draw, fast_overrides
+from tests.conftest import REPO, draw, fast_overrides, train_keeping_model
 from tests.tolerances import assert_close_in_norm, layer_rounding
 from trainer import loop
 from trainer.data import TrainingData
@@ -19,7 +19,7 @@ from trainer.formats.safetensors_file import read_metadata
 from trainer.formats.textual_inversion import read_embedding
 from trainer.methods.textual_inversion.method import OBJECT_TEMPLATES, TextualInversionMethod
 from trainer.models.export import save_diffusers_folder
-from trainer.models.loading import load_base_model, load_recipe_model
+from trainer.models.loading import load_base_model
 from trainer.recipe import load_recipe
 
 RECIPE = REPO / "recipes" / "sls_frog_ti.yaml"
@@ -28,20 +28,6 @@ TOKENS = ["sls_frog", "sls_frog_1"]  # the recipe's placeholder with num_vectors
 
 def _recipe(output_dir, **overrides):
     return load_recipe(RECIPE, fast_overrides(output_dir, **overrides))
-
-
-def _train_keeping_model(recipe, load=load_recipe_model):
-    """Run the loop with the base model from ``load`` and hand that model back too (the loop only returns files)."""
-    models = []
-
-    def load_and_keep(*args, **kwargs):
-        models.append(load(*args, **kwargs))
-        return models[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "load_recipe_model", load_and_keep)
-        result = loop.train(recipe, show_progress=False)
-    return result, models[0]
 
 
 def _trained_vectors(model) -> torch.Tensor:
@@ -61,7 +47,7 @@ def _vectors(path) -> torch.Tensor:
 def ti_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ti")
     recipe = _recipe(out, **{"train.max_steps": 10, "train.save_every_steps": 5, "output.formats": "[a1111,a1111_pt,diffusers]"})
-    result, model = _train_keeping_model(recipe)
+    result, model = train_keeping_model(recipe)
     return recipe, result, model
 
 
@@ -82,7 +68,7 @@ def _pipeline(folder):
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "prodigy"])
 def test_only_the_placeholder_rows_change(tmp_path, optimizer):
     recipe = _recipe(tmp_path, **{"train.max_steps": 3, "train.optimizer": optimizer, "train.weight_decay": 0.5, "train.lr": 0.05})
-    _, trained = _train_keeping_model(recipe)
+    _, trained = train_keeping_model(recipe)
     base = load_base_model("tiny")
     base_encoder, trained_encoder = base.text_encoders[0], trained.text_encoders[0]
     base_table = base_encoder.model.get_input_embeddings().weight
@@ -143,7 +129,7 @@ def test_diffusers_loads_each_format_with_the_trained_vectors(ti_run, tiny_folde
 def test_half_diffusers_embedding_loads_into_a_plainly_loaded_pipeline(tmp_path, tiny_folder):
     """output.save_dtype fp16: the float32 text encoder takes the vectors (rounded once) and the pipeline draws the word."""
     recipe = _recipe(tmp_path, **{"train.max_steps": 2, "output.save_dtype": "fp16", "output.formats": "[diffusers]"})
-    result, model = _train_keeping_model(recipe)
+    result, model = train_keeping_model(recipe)
     (path,) = result.artifacts
     assert _vectors(path).dtype == torch.float16
     pipe = _pipeline(tiny_folder)
@@ -275,7 +261,7 @@ def test_sd2_width_text_encoder(tmp_path):
         name="sd2-like",
     )
     untrained_text_encoder = {key: value.clone() for key, value in sd2_like.text_encoders[0].model.state_dict().items()}
-    result, model = _train_keeping_model(_recipe(tmp_path, **{"train.max_steps": 2}), load=lambda *args, **kwargs: sd2_like)
+    result, model = train_keeping_model(_recipe(tmp_path, **{"train.max_steps": 2}), load=lambda *args, **kwargs: sd2_like)
     (path,) = result.artifacts
     assert _vectors(path).shape == (2, width)
     assert read_metadata(path)["modelspec.architecture"] == "stable-diffusion-v2-512/textual-inversion"

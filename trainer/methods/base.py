@@ -132,12 +132,13 @@ class TrainingMethod:
 
     # --- how the loss is formed --------------------------------------------------------------
     def use_text_cache(self, cache) -> None:
-        """Read text encoder outputs through ``cache``; only sound while every text encoder is frozen."""
+        """Read text encoder outputs through ``cache``; only sound while every text encoder is frozen.
+
+        The loop refuses the setting for recipes whose ``text_encoder_training_key`` names a trained
+        encoder, before anything loads; this checks that the method's setup agrees with it.
+        """
         if self.text_encoder_trains():
-            raise UserError(
-                f"Recipe key 'data.cache_text_encoder_outputs' is '{cache.mode}', but method '{self.name}' trains a text encoder, "
-                "whose outputs change every step. Set data.cache_text_encoder_outputs=none, or keep the text encoders frozen."
-            )
+            raise RuntimeError(f"method '{self.name}' trains a text encoder, but its text_encoder_training_key said it would not")
         self.text_cache = cache
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
