@@ -227,7 +227,7 @@ def run_bench(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``sdtrain bench`` (and ``python -m trainer.bench``)."""
     parser.add_argument("--models", nargs="+", default=["tiny", "random:sd1"], metavar="BASE",
-                        help="model.base values to measure: tiny, random:sd1 (SD1.5's size, random weights), a diffusers folder, a .safetensors file (default: tiny random:sd1)")
+                        help="model.base values to measure: tiny, tiny-sdxl, random:sd1 or random:sdxl (SD1.5's or SDXL's size, random weights), a diffusers folder, a .safetensors file (default: tiny random:sd1)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the first fills the latent cache (default 1)")
     parser.add_argument("--resolution", type=int, default=256, help="training resolution in px, a multiple of 64 (default 256)")
