@@ -408,6 +408,13 @@ def test_every_algorithm_rebuilds_exactly_with_alpha_and_multiplier(config):
         assert all("lokr_w1" in m and "lokr_w2" in m for m in modules.values())
 
 
+def test_every_preset_name_a_recipe_accepts_has_its_layers():
+    from trainer.methods.lycoris.config import PRESET_NAMES
+    from trainer.methods.lycoris.method import PRESETS
+
+    assert tuple(PRESETS) == PRESET_NAMES
+
+
 def test_lokr_factorization_matches_lycoris():
     # LyCORIS' factorization(): the given factor when it divides, else the squarest split below it.
     assert factorization(320, -1) == (16, 20)

@@ -17,7 +17,8 @@ from trainer.data import TrainingData
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata
 from trainer.formats.textual_inversion import read_embedding
-from trainer.methods.textual_inversion.method import OBJECT_TEMPLATES, TextualInversionMethod
+from trainer.methods.textual_inversion.config import OBJECT_TEMPLATES
+from trainer.methods.textual_inversion.method import TextualInversionMethod
 from trainer.models.export import save_diffusers_folder
 from trainer.models.loading import load_base_model
 from trainer.recipe import load_recipe

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from trainer.errors import UserError
-from trainer.recipe import TrainConfig
+
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import TrainConfig
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 # diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules).

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from trainer.recipe import DataConfig
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import DataConfig
+
 
 Size = tuple[int, int]
 

@@ -12,9 +12,12 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.data.seeding import stable_shuffle
-from trainer.recipe import DataConfig
+
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import DataConfig
 
 
 class CaptionEncodingError(Exception):

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from trainer.data.seeding import seeded_rng, stable_shuffle
 from trainer.data.sources import Problem
 from trainer.errors import UserError
 from trainer.models.conditioning import ImageGeometry
-from trainer.recipe import DataConfig
+
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import DataConfig
 
 # Part of every cache key: bump it when the pixel pipeline (resampling, compositing) changes, so latents
 # cached by an older version are not reused for pixels it would no longer produce.

@@ -12,12 +12,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
 from trainer.data.buckets import BucketPlan, Size
 from trainer.data.sources import ImageSource, Problem, Subset, list_images, resolve_subsets
-from trainer.recipe import DataConfig
+
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import DataConfig
 
 _EXIF_ORIENTATION = 0x0112
 

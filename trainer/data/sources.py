@@ -10,9 +10,12 @@ import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainer.data.captions import CaptionEncodingError, read_caption_file
-from trainer.recipe import DataConfig
+
+if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.recipe import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_NAME = "metadata.jsonl"

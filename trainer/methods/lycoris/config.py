@@ -8,6 +8,12 @@ from typing import Optional
 from trainer.checks import broken, one_of, text_encoder_lr_rule
 
 
+# The values of lycoris.algo and lycoris.preset (method.py builds the adapters and holds each preset's layers).
+LOW_RANK_ALGOS = ("locon", "loha", "lokr", "dora")
+ALGOS = (*LOW_RANK_ALGOS, "ia3", "full")
+PRESET_NAMES = ("attn-only", "attn-mlp", "full")
+
+
 @dataclass
 class LycorisConfig:
     # locon, loha, lokr, dora, ia3 or full.
@@ -38,13 +44,10 @@ class LycorisConfig:
 
 def problems(cfg: LycorisConfig) -> list[str]:
     """The ``lycoris:`` values that cannot train, each with its fix (see trainer/checks.py)."""
-    # The algorithms and presets are defined with the adapters they build.
-    from trainer.methods.lycoris.method import ALGOS, LOW_RANK_ALGOS, PRESETS
-
     low_rank = cfg.algo in LOW_RANK_ALGOS
     rules = [
         ("algo", cfg.algo in ALGOS, one_of(cfg.algo, ALGOS)),
-        ("preset", cfg.preset in PRESETS, one_of(cfg.preset, PRESETS)),
+        ("preset", cfg.preset in PRESET_NAMES, one_of(cfg.preset, PRESET_NAMES)),
         ("rank", not low_rank or cfg.rank >= 1, f"algo {cfg.algo} needs a rank of at least 1."),
         ("conv_rank", cfg.conv_rank is None or cfg.conv_rank >= 0, "use a rank >= 1, 0 to leave 3x3 convolutions out, or null for lycoris.rank."),
         ("factor", cfg.factor == -1 or cfg.factor >= 1, "use -1 (as square as possible) or a factor >= 1."),

@@ -20,10 +20,7 @@ from trainer.formats.kohya_metadata import network_metadata
 from trainer.formats.safetensors_file import DTYPES, save_safetensors
 from trainer.methods.base import ExportContext, TrainingMethod
 from trainer.methods.lycoris import modules
-from trainer.methods.lycoris.config import LycorisConfig
-
-LOW_RANK_ALGOS = ("locon", "loha", "lokr", "dora")
-ALGOS = (*LOW_RANK_ALGOS, "ia3", "full")
+from trainer.methods.lycoris.config import LOW_RANK_ALGOS, LycorisConfig
 
 UNET_ATTENTION = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # Everything inside a Transformer2DModel: proj_in/proj_out, attention, feed-forward.
@@ -33,6 +30,7 @@ TEXT_MLP = re.compile(r"mlp\.(fc1|fc2)$")
 # The layers fed by a feed-forward block's hidden activations: (IA)^3 scales their input, as in its paper.
 FEED_FORWARD_OUTPUT = re.compile(r"(ff\.net\.2|mlp\.fc2)$")
 
+# The layers of each lycoris.preset (config.PRESET_NAMES, in the same order).
 PRESETS = {
     "attn-only": {"unet": (UNET_ATTENTION,), "text_encoder": (TEXT_ATTENTION,)},
     "attn-mlp": {"unet": (UNET_TRANSFORMER,), "text_encoder": (TEXT_ATTENTION, TEXT_MLP)},

@@ -10,6 +10,40 @@ from trainer.checks import broken, one_of
 # a prompt (no spaces or commas), and what {} in a template stands for.
 FORBIDDEN_IN_PLACEHOLDER = set('<>:"/\\|?*{},')
 
+# The prompt templates of textual_inversion.captions: object and style (Textual Inversion's own sets).
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a dark photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a photo of the small {}",
+    "a photo of the large {}",
+    "a rendition of the {}",
+    "a picture of a {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}",
+    "a rendering in the style of {}",
+    "a cropped painting in the style of {}",
+    "the painting in the style of {}",
+    "a clean painting in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a good painting in the style of {}",
+    "a picture in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "an artwork in the style of {}",
+)
+BUILT_IN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
 
 @dataclass
 class TextualInversionConfig:
@@ -36,9 +70,6 @@ def problems(cfg: TextualInversionConfig) -> list[str]:
     Whether the placeholder is new to the tokenizer, and how it splits the initializer, is checked
     with the model's tokenizer at hand (method.py).
     """
-    # The built-in template sets are defined with the captions they make.
-    from trainer.methods.textual_inversion.method import BUILT_IN_TEMPLATES
-
     placeholder, captions = cfg.placeholder, (*BUILT_IN_TEMPLATES, "dataset")
     bad = "".join(sorted({char for char in placeholder if char in FORBIDDEN_IN_PLACEHOLDER or char.isspace()}))
     return broken("textual_inversion", cfg, [

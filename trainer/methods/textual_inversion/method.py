@@ -28,39 +28,7 @@ from trainer.errors import UserError
 from trainer.formats import textual_inversion as ti_format
 from trainer.formats.safetensors_file import DTYPES
 from trainer.methods.base import ExportContext, TrainingMethod
-
-OBJECT_TEMPLATES = (
-    "a photo of a {}",
-    "a rendering of a {}",
-    "a cropped photo of the {}",
-    "the photo of a {}",
-    "a photo of a clean {}",
-    "a close-up photo of a {}",
-    "a bright photo of the {}",
-    "a dark photo of the {}",
-    "a good photo of the {}",
-    "a photo of one {}",
-    "a photo of the small {}",
-    "a photo of the large {}",
-    "a rendition of the {}",
-    "a picture of a {}",
-)
-STYLE_TEMPLATES = (
-    "a painting in the style of {}",
-    "a rendering in the style of {}",
-    "a cropped painting in the style of {}",
-    "the painting in the style of {}",
-    "a clean painting in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a good painting in the style of {}",
-    "a picture in the style of {}",
-    "a small painting in the style of {}",
-    "a large painting in the style of {}",
-    "an artwork in the style of {}",
-)
-BUILT_IN_TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+from trainer.methods.textual_inversion.config import BUILT_IN_TEMPLATES
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
