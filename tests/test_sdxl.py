@@ -434,3 +434,24 @@ def test_methods_and_the_loop_never_name_a_model_family():
             elif isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in names for c in [node.left, *node.comparators]):
                 hits.append(f"{where} compares with a family name")
     assert hits == []
+
+
+def test_convert_sdxl_between_folder_and_single_file_both_ways(base_folder, base, tmp_path):
+    from trainer.cli import main
+
+    assert main(["convert", str(base_folder), str(tmp_path / "tiny_sdxl.safetensors"), "--dtype", "fp32"]) == 0
+    assert main(["convert", str(tmp_path / "tiny_sdxl.safetensors"), str(tmp_path / "again"), "--dtype", "fp32", "--config", str(base_folder)]) == 0
+    again = load_base_model(str(tmp_path / "again"))
+    assert again.family.name == "sdxl"
+    for name, part in base.parts().items():
+        state = again.parts()[name].state_dict()
+        for key, tensor in part.state_dict().items():
+            assert torch.equal(tensor, state[key]), (name, key)
+
+
+def test_resuming_an_sd1_run_on_an_sdxl_base_is_refused_by_name(tmp_path):
+    sd1 = load_recipe(REPO / "recipes" / "sls_frog_lora.yaml", fast_overrides(tmp_path, **{"train.max_steps": 2, "train.save_every_steps": 2}))
+    loop.train(sd1, show_progress=False)
+    sdxl = load_recipe(REPO / "recipes" / "sls_frog_lora.yaml", fast_overrides(tmp_path, **{"train.max_steps": 4, "model.base": "tiny-sdxl"}))
+    with pytest.raises(UserError, match=r'model.base: "tiny" -> "tiny-sdxl"'):
+        loop.train(sdxl, resume="latest", show_progress=False)
