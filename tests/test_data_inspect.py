@@ -88,7 +88,7 @@ def test_exit_2_when_training_would_refuse_after_the_full_report(messy, capsys):
 def test_exit_2_for_an_empty_subset_folder(tmp_path, capsys):
     (tmp_path / "img" / "10_empty").mkdir(parents=True)
     code, out, err = _inspect(capsys, tmp_path / "img")
-    assert code == 2 and "Problems (1 errors" in out
+    assert code == 2 and "Problems (1 error that stops training" in out
     assert "(1 error, listed under Problems above)" in err and "10_empty" in err and "holds no images" in err
 
 
@@ -107,7 +107,7 @@ def test_warnings_alone_exit_0(tmp_path, capsys):
     (folder / "notes.md").write_text("x")  # a skipped file: a warning, not an error
     code, out, err = _inspect(capsys, tmp_path / "img")
     assert code == 0 and err == ""
-    assert "Problems (0 errors that stop training, 1 warnings)" in out and "notes.md" in out
+    assert "Problems (0 errors that stop training, 1 warning)" in out and "notes.md" in out
 
 
 def test_a_recipe_with_a_value_that_cannot_train_exits_2(tmp_path, capsys):

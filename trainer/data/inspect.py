@@ -35,6 +35,10 @@ def _folder_config(folder: Path, resolution: int) -> tuple[DataConfig, str]:
     return DataConfig(subsets=[subset], resolution=resolution), how
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _caption_text(item: Item) -> str:
     caption = item.caption if len(item.caption) <= _CAPTION_WIDTH else item.caption[: _CAPTION_WIDTH - 3] + "..."
     if item.caption_source == "none":
@@ -114,7 +118,8 @@ def _render(title: str, cfg: DataConfig, result: ScanResult, top_tags: int) -> s
 
     errors = [p for p in result.problems if p.fatal]
     warnings = [p for p in result.problems if not p.fatal]
-    lines += ["", f"Problems ({len(errors)} errors that stop training, {len(warnings)} warnings)"]
+    stop = "stops" if len(errors) == 1 else "stop"
+    lines += ["", f"Problems ({_count(len(errors), 'error')} that {stop} training, {_count(len(warnings), 'warning')})"]
     for label, group in (("ERROR", errors), ("WARNING", warnings)):
         lines += [f"  {label}: {problem.text(max_files=None)}" for problem in group]
     if not result.problems:
@@ -134,7 +139,7 @@ def _refusal(fatal: list[Problem]) -> str | None:
     """One line: training's verdict on the data, with the first problem that stops it."""
     if not fatal:
         return None
-    errors = "1 error" if len(fatal) == 1 else f"{len(fatal)} errors"
+    errors = _count(len(fatal), "error")
     return f"Training would refuse this data ({errors}, listed under Problems above). The first: {fatal[0].text(max_files=3)}"
 
 
