@@ -20,7 +20,7 @@ from trainer.formats.kohya_metadata import network_metadata
 from trainer.formats.safetensors_file import DTYPES, save_safetensors
 from trainer.methods.base import ExportContext, TrainingMethod
 from trainer.methods.lycoris import modules
-from trainer.methods.lycoris.config import LOW_RANK_ALGOS, LycorisConfig
+from trainer.methods.lycoris.config import LycorisConfig
 
 UNET_ATTENTION = re.compile(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 # Everything inside a Transformer2DModel: proj_in/proj_out, attention, feed-forward.
