@@ -235,9 +235,14 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     step_loss = 0.0
     started = step_started = time.perf_counter()
 
+    # The step whose state is checkpointed already (the one resumed from counts).
+    saved_step = checkpoint.progress.step if checkpoint else None
+
     def save() -> None:
+        nonlocal saved_step
         path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints)
         result.checkpoints.append(path)
+        saved_step = progress.step
 
     def sample() -> None:
         from trainer.sampling import write_samples
@@ -302,9 +307,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         sample()
     # The final state is checkpointed once: not again by a run resumed from it (rewriting it would only
     # open a window in which a kill damages it).
-    saved_steps = [checkpoint.progress.step] if checkpoint else []
-    saved_steps += [int(path.name.removeprefix("step-")) for path in result.checkpoints]
-    if progress.step not in saved_steps:
+    if progress.step != saved_step:
         save()
     context = ExportContext(output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data)
     result.artifacts = method.export(context)

@@ -85,14 +85,16 @@ class TensorCache:
         except Exception:  # an unreadable entry is just a miss; it is rewritten by put()
             return None
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep float32 CPU copies of ``tensors`` under ``key``; returns those copies."""
         tensors = {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in tensors.items()}
         entry = self._entry(key)
         if self.mode == "memory":
             self._memory[entry] = tensors
-            return
-        metadata = {"cache_key": key, "owner_id": self.owner_id}
-        write_file(self._path(entry), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        else:
+            metadata = {"cache_key": key, "owner_id": self.owner_id}
+            write_file(self._path(entry), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return tensors
 
     def lookup(self, keys: list[str], compute: Callable[[list[int]], list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
         """The entries of ``keys``; ``compute(positions)`` makes the missing ones (float32 CPU copies are kept)."""
@@ -102,8 +104,7 @@ class TensorCache:
         self.misses += len(missing)
         if missing:
             for i, entry in zip(missing, compute(missing)):
-                self.put(keys[i], entry)
-                found[i] = {name: tensor.detach().to("cpu", torch.float32) for name, tensor in entry.items()}
+                found[i] = self.put(keys[i], entry)
         return found  # type: ignore[return-value]  # no None left
 
 

@@ -47,9 +47,6 @@ class ModelFamily:
     # prediction type, and every one that ``random:<name>`` can build.
     packaged_configs: ClassVar[dict[str, str]]
     default_resolution: ClassVar[int]
-    # Bucket sides must be multiples of this: the VAE's 8 x the UNet's downsampling.
-    bucket_step_multiple: ClassVar[int] = 64
-    default_bucket_step: ClassVar[int] = 64
     # Keep the VAE in fp32 under fp16/bf16 mixed precision unless model.vae_fp32 says otherwise.
     vae_fp32_by_default: ClassVar[bool] = False
     # Sampling: an empty negative prompt is no conditioning at all (zeros), as SDXL's UIs and pipeline do.
@@ -93,11 +90,9 @@ class ModelFamily:
         """Pipeline constructor arguments besides the model parts and the scheduler."""
         return {}
 
-    def pipeline(self, model, scheduler=None):
-        """A diffusers pipeline over ``model``'s parts; DDIM with SD's sampling settings by default."""
-        if scheduler is None:
-            scheduler = sampling_scheduler(model.noise_scheduler.config)
-        components = {"unet": model.unet, "vae": model.vae, "scheduler": scheduler}
+    def pipeline(self, model):
+        """A diffusers pipeline over ``model``'s parts, with DDIM at SD's sampling settings."""
+        components = {"unet": model.unet, "vae": model.vae, "scheduler": sampling_scheduler(model.noise_scheduler.config)}
         for te in model.text_encoders:
             components[te.spec.component] = te.model
             components[te.spec.tokenizer_component] = te.tokenizer

@@ -36,9 +36,6 @@ class StableDiffusionXL(ModelFamily):
     single_file_layout = "sdxl"
     packaged_configs = {"epsilon": "sdxl"}
     default_resolution = 1024
-    # The VAE's 8 x two UNet downsamplings; kohya: "smaller values than 32 will not work".
-    bucket_step_multiple = 32
-    default_bucket_step = 64
     vae_fp32_by_default = True
     zero_empty_negative = True
     builtin_bases = {"tiny-sdxl": "trainer.models.tiny:tiny_sdxl_components"}

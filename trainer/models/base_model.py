@@ -107,9 +107,9 @@ class BaseModel:
         text = text.to(noisy.device)
         return self.unet(noisy, timesteps, **self.family.unet_inputs(text, geometry, noisy)).sample
 
-    def pipeline(self, scheduler=None):
-        """A diffusers pipeline over these parts (for sampling and saving); DDIM sampling by default."""
-        return self.family.pipeline(self, scheduler)
+    def pipeline(self):
+        """A diffusers pipeline over these parts (for sampling and saving), with a DDIM sampler."""
+        return self.family.pipeline(self)
 
 
 def replace_parts(model: BaseModel, parts: dict[str, nn.Module]) -> BaseModel:

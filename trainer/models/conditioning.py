@@ -26,11 +26,8 @@ class TextConditioning:
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
 
-    def rows(self) -> list[dict[str, torch.Tensor]]:
-        """One ``{name: tensor}`` per caption, for caching."""
-        return [self.row(i) for i in range(len(self.hidden_states))]
-
     def row(self, index: int) -> dict[str, torch.Tensor]:
+        """Caption ``index``'s tensors by name, for caching."""
         row = {"hidden_states": self.hidden_states[index]}
         if self.pooled is not None:
             row["pooled"] = self.pooled[index]

@@ -29,7 +29,6 @@ from trainer.families.base import PACKAGED_CONFIGS
 from trainer.formats.ldm_checkpoint import CheckpointLayoutError, detect_layout
 from trainer.models.base_model import BaseModel, TextEncoder
 from trainer.models.single_file import (
-    PICKLE_SUFFIXES,
     load_single_file,
     load_vae_file,
     read_safetensors_keys,
@@ -124,14 +123,10 @@ def _file_family(path: Path, base: str, allow_unsafe_pickle: bool) -> BaseSource
     if path.suffix.lower() == ".safetensors":
         keys, metadata = read_safetensors_keys(path, "model.base")
         tensors = None
-    elif path.suffix.lower() in PICKLE_SUFFIXES:
+    else:
+        # A pickle has no cheap header: read once, kept for loading. Unknown extensions are refused there.
         tensors, metadata = read_state_dict(path, allow_unsafe_pickle)
         keys = list(tensors)
-    else:
-        raise UserError(
-            f"model.base '{path}' has an unknown extension '{path.suffix}'. Use a single-file checkpoint "
-            "(.safetensors, or a .ckpt pickle) or a diffusers folder."
-        )
     other = what_else(keys)
     if other:
         raise UserError(f"model.base '{path}' is {other}. Set model.base to a full SD1.x/SD2.x/SDXL checkpoint or a diffusers folder.")
