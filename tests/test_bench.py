@@ -18,7 +18,7 @@ from trainer.bench import Configuration, Measurement, main, measure, run_bench
 from trainer.errors import UserError
 from trainer.loop import TrainResult
 
-COLUMNS = ["model", "resolution", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory"]
+COLUMNS = ["model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory"]
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -29,24 +29,29 @@ def _rows(table: str) -> list[list[str]]:
 def test_bench_measures_each_configuration_in_its_own_process_and_reports_failures(capsys):
     timed_steps = 2
     started = time.perf_counter()
-    argv = ["--models", "tiny", "random:sd9", "--steps", str(timed_steps), "--warmup", "1", "--resolution", "64", "--cache", "on", "--grad-ckpt", "on"]
+    argv = [
+        "--models", "tiny", "random:sd9", "--steps", str(timed_steps), "--warmup", "1", "--resolution", "64", "--cache", "on", "--grad-ckpt", "on",
+        "--processes", "1", "2",
+    ]
     code = main(argv)
     elapsed = time.perf_counter() - started
     assert code == 0  # a failing configuration does not abort the others
     captured = capsys.readouterr()
-    header, separator, tiny, unknown = _rows(captured.out)
+    header, separator, tiny, tiny_two, unknown, unknown_two = _rows(captured.out)
     assert header == COLUMNS and set("".join(separator)) == {"-"}
-    assert tiny[:5] == ["tiny", "64x64", "2", "on", "on"]  # 2: the recipe's batch size
-    # The timed steps ran inside this command, so together they took more than nothing and less than all of it.
-    assert 0 < float(tiny[6]) * timed_steps < elapsed
-    amount, unit, kind = tiny[7].split()
-    assert float(amount) > 0.1 and unit == "GiB" and kind in ("RSS", "CUDA")
+    assert tiny[:6] == ["tiny", "64x64", "1", "2", "on", "on"]  # 2: the recipe's batch size
+    assert tiny_two[:6] == ["tiny", "64x64", "2", "2", "on", "on"]  # two processes of batch 2 each
+    for row in (tiny, tiny_two):
+        # The timed steps ran inside this command, so together they took more than nothing and less than all of it.
+        assert 0 < float(row[7]) * timed_steps < elapsed
+        amount, unit, kind = row[8].split()
+        assert float(amount) > 0.1 and unit == "GiB" and kind in ("RSS", "CUDA")
     assert "device: " in captured.out
-    assert unknown[0] == "random:sd9" and unknown[5:] == ["failed", "-", "-"]
+    assert [row[0] for row in (unknown, unknown_two)] == ["random:sd9"] * 2 and unknown[6:] == unknown_two[6:] == ["failed", "-", "-"]
     # The child's error says what would have worked.
     assert "random:sd1" in captured.out.split("Failed configurations:")[1]
     # Progress goes to stderr, one line per configuration as it finishes.
-    assert captured.err.count("[1/2]") == 1 and captured.err.count("[2/2]") == 1
+    assert all(captured.err.count(f"[{index}/4]") == 1 for index in range(1, 5))
 
 
 def test_a_configuration_trains_its_settings_and_times_only_the_steps_after_warm_up(tmp_path, monkeypatch):
@@ -83,7 +88,7 @@ def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
     table = run_bench(["tiny"], steps=3, resolution=64, log=lambda _: None)
     header, _, *rows = _rows(table)
     assert header == COLUMNS
-    assert {(row[3], row[4]): row[5:] for row in rows} == {
+    assert {(row[4], row[5]): row[6:] for row in rows} == {
         ("off", "off"): ["4.000", "0.250", "3.00 GiB RSS"],
         ("off", "on"): ["failed", "-", "-"],
         ("on", "off"): ["2.000", "0.500", "1.00 GiB RSS"],

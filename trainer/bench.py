@@ -7,7 +7,9 @@ recipe (by default ``recipes/sls_frog_lora.yaml``, a rank-8 LoRA) whose data is 
 of ``datasets/sls_frog`` repeated ``batch_size`` times: every epoch is then the same single batch, so
 with the cache on, the warm-up step encodes it and every timed step reads cached latents, which is the
 steady state of a real run after its first epoch. Sampling, TensorBoard and periodic checkpoints are
-off; the time of each optimizer step comes from ``TrainResult.step_seconds``.
+off; the time of each optimizer step comes from ``TrainResult.step_seconds``. With ``--processes N``
+the configuration runs as N processes (trainer.distributed), each with a batch of ``batch_size``; the
+main process's step times and memory are reported.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from trainer.examples import example_path
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = example_path("recipes", "sls_frog_lora.yaml")
 BENCH_IMAGE = example_path("datasets", "sls_frog", "10_sls frog", "01.png")
-COLUMNS = ("model", "resolution", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory")
+COLUMNS = ("model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory")
 # Buckets come in steps of 64 px: other resolutions would train at a smaller size than the table says.
 RESOLUTION_STEP = 64
 _FAILURE_LINES = 5
@@ -47,6 +49,7 @@ class Configuration:
     gradient_checkpointing: bool
     warmup_steps: int
     timed_steps: int
+    processes: int = 1
 
     def overrides(self) -> list[str]:
         values = {
@@ -113,12 +116,13 @@ def measure(config: Configuration) -> Measurement:
 def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurement | str:
     """The Measurement, or why the process failed (its last lines of output)."""
     # The child imports this very package, and stays in the caller's folder so relative model paths work.
+    from trainer.distributed import launcher_command
+
     python_path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.run(
-        [sys.executable, "-m", "trainer.bench", "--one", json.dumps(asdict(config)), str(result_path)],
-        capture_output=True, text=True, env=env,
-    )
+    argv = ["--one", json.dumps(asdict(config)), str(result_path)]
+    command, env = launcher_command(config.processes, "trainer.bench", argv) if config.processes > 1 else ([sys.executable, "-m", "trainer.bench", *argv], dict(os.environ))
+    env.update({"PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    process = subprocess.run(command, capture_output=True, text=True, env=env)
     if process.returncode == 0:
         return Measurement(**json.loads(result_path.read_text(encoding="utf-8")))
     lines = (process.stderr or process.stdout).strip().splitlines()
@@ -128,7 +132,7 @@ def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurem
 
 
 def _bench_dataset(directory: Path, batch_size: int) -> Path:
-    """A kohya folder holding one image (and its caption) with ``batch_size`` repeats: one batch per epoch."""
+    """A kohya folder holding one image (and its caption) with ``batch_size`` repeats: one (global) batch per epoch."""
     if not BENCH_IMAGE.is_file():
         raise UserError(
             f"sdtrain bench trains on '{BENCH_IMAGE}', which is missing: this copy of sdtrain lacks its example datasets. "
@@ -172,15 +176,17 @@ def run_bench(
     cache: tuple[bool, ...] = (False, True),
     gradient_checkpointing: tuple[bool, ...] = (False, True),
     recipe: Path | str = DEFAULT_RECIPE,
+    processes: tuple[int, ...] = (1,),
     log=lambda message: print(message, file=sys.stderr, flush=True),
 ) -> str:
     """Train every configuration for ``warmup + steps`` steps and return the table (markdown) with a header.
 
     ``log`` receives one line per configuration as it finishes (SD1.5-size runs on a CPU take minutes).
     """
-    if steps < 1 or warmup < 0 or (batch_size is not None and batch_size < 1):
+    if steps < 1 or warmup < 0 or (batch_size is not None and batch_size < 1) or min(processes) < 1:
         raise UserError(
-            f"sdtrain bench needs --steps >= 1, --warmup >= 0 and --batch-size >= 1 (got {steps}, {warmup} and {batch_size})."
+            f"sdtrain bench needs --steps >= 1, --warmup >= 0, --batch-size >= 1 and --processes >= 1 "
+            f"(got {steps}, {warmup}, {batch_size} and {' '.join(map(str, processes))})."
         )
     if resolution < RESOLUTION_STEP or resolution % RESOLUTION_STEP:
         raise UserError(f"sdtrain bench --resolution {resolution}: use a multiple of {RESOLUTION_STEP} (e.g. 256 or 512).")
@@ -194,16 +200,16 @@ def run_bench(
     devices: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         work = Path(tmp)
-        dataset = _bench_dataset(work / "data", batch_size)
-        plan = [(model, c, g) for model in models for c in cache for g in gradient_checkpointing]
-        for index, (model, cached, checkpointed) in enumerate(plan, start=1):
+        datasets = {count: _bench_dataset(work / f"data-{count}", batch_size * count) for count in processes}
+        plan = [(model, n, c, g) for model in models for n in processes for c in cache for g in gradient_checkpointing]
+        for index, (model, count, cached, checkpointed) in enumerate(plan, start=1):
             config = Configuration(
-                model=model, recipe=str(recipe), dataset=str(dataset), output_dir=str(work / f"run-{index}"),
+                model=model, recipe=str(recipe), dataset=str(datasets[count]), output_dir=str(work / f"run-{index}"),
                 resolution=resolution, batch_size=batch_size, cache_latents=cached, gradient_checkpointing=checkpointed,
-                warmup_steps=warmup, timed_steps=steps,
+                warmup_steps=warmup, timed_steps=steps, processes=count,
             )
             outcome = _measure_in_subprocess(config, work / f"result-{index}.json")
-            cells = (model, f"{resolution}x{resolution}", str(batch_size), _on_off(cached), _on_off(checkpointed))
+            cells = (model, f"{resolution}x{resolution}", str(count), str(batch_size), _on_off(cached), _on_off(checkpointed))
             if isinstance(outcome, Measurement):
                 devices.add(outcome.device)
                 row = cells + (f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}")
@@ -215,7 +221,8 @@ def run_bench(
     header = [
         f"sdtrain bench: {recipe.name}, {warmup} warm-up + {steps} timed steps per configuration, "
         f"device: {'; '.join(sorted(devices)) or 'none (every configuration failed)'}",
-        "peak memory: RSS = peak resident memory of the whole process (CPU); CUDA = torch.cuda.max_memory_allocated",
+        "peak memory: RSS = peak resident memory of the whole process (CPU); CUDA = torch.cuda.max_memory_allocated; "
+        "batch: per process; with several processes, the main process's time and memory",
         "",
     ]
     text = "\n".join(header) + _markdown_table(rows)
@@ -234,6 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     parser.add_argument("--cache", choices=("on", "off", "both"), default="both", help="latent caching (default both)")
     parser.add_argument("--grad-ckpt", choices=("on", "off", "both"), default="both", help="gradient checkpointing (default both)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1], metavar="N",
+                        help="train each configuration with N processes (trainer.distributed); several values: one row each (default 1)")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe to time; its data section is replaced (default recipes/sls_frog_lora.yaml)")
 
 
@@ -244,7 +253,7 @@ def _choice(value: str) -> tuple[bool, ...]:
 def bench_from_args(args: argparse.Namespace) -> str:
     return run_bench(
         args.models, args.steps, args.resolution, warmup=args.warmup, batch_size=args.batch_size,
-        cache=_choice(args.cache), gradient_checkpointing=_choice(args.grad_ckpt), recipe=args.recipe,
+        cache=_choice(args.cache), gradient_checkpointing=_choice(args.grad_ckpt), recipe=args.recipe, processes=tuple(args.processes),
     )
 
 
@@ -257,7 +266,8 @@ def _run_one(spec: str, result_path: Path) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    write_text(result_path, json.dumps(asdict(measurement)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_text(result_path, json.dumps(asdict(measurement)))
     return 0
 
 

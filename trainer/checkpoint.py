@@ -4,9 +4,10 @@ A checkpoint is a folder ``{output.dir}/checkpoints/step-00000010/`` holding
 
 - ``trainable.safetensors``  the method's trained tensors
 - ``optimizer.safetensors``  the optimizer's tensors; its other values are in ``state.json``
-- ``rng.safetensors``        torch's CPU (and CUDA) generator states
-- ``state.json``             step, data position, LR scheduler, Python/numpy RNG, recipe
+- ``rng.safetensors``        torch's CPU (and CUDA) generator states, of every process
+- ``state.json``             step, data position, LR scheduler, Python/numpy RNG, recipe, process count
 
+The main process writes it; every process reads it back and takes its own RNG states (docs/distributed.md).
 No pickles: tensors go to safetensors, everything else to JSON. The folder is assembled under a
 hidden temporary name and then put in place, so a crash leaves either no checkpoint or a complete
 one; ``latest`` only considers complete folders named ``step-NNNNNNNN`` (never the hidden ones). A
@@ -30,11 +31,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.atomic import replaced_directory
+from trainer.distributed import World, barrier, gather_objects
 from trainer.errors import UserError
 
 CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
-FORMAT_VERSION = 1
+# 2: RNG states per process ("rank{r}." tensors, state.json "rng": {"ranks": [...]}); 1 held one process's.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # Optimizer values the recipe sets per parameter group that a resume may change ("initial_lr" is the
 # group's learning rate before the schedule's factor).
 _RECIPE_GROUP_KEYS = ("initial_lr", "weight_decay")
@@ -88,7 +92,26 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, plain
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+def _gathered_rng_state(world: World) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every process's RNG states (a collective: every process calls it), keyed by rank."""
+    tensors, plains = {}, []
+    for rank, (rank_tensors, plain) in enumerate(gather_objects(_rng_state(), world)):
+        tensors.update({f"rank{rank}.{key}": value.cpu() for key, value in rank_tensors.items()})
+        plains.append(plain)
+    return tensors, {"ranks": plains}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict, rank: int) -> bool:
+    """Restore this process's RNG states; False when the checkpoint has none for ``rank`` (it was written
+    by fewer processes)."""
+    if "ranks" in plain:  # format 2
+        if rank >= len(plain["ranks"]):
+            return False
+        prefix = f"rank{rank}."
+        tensors = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        plain = plain["ranks"][rank]
+    elif rank:  # format 1: one process
+        return False
     torch.set_rng_state(tensors["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
@@ -98,15 +121,23 @@ def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return True
 
 
 def save_checkpoint(
-    output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, source_fingerprint: str, keep: int
+    output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, source_fingerprint: str, keep: int,
+    world: World = World(),
 ) -> Path:
-    """Write a complete checkpoint atomically, then drop the oldest beyond ``keep`` (see ``_rotate``)."""
+    """Write a complete checkpoint atomically, then drop the oldest beyond ``keep`` (see ``_rotate``).
+
+    Every process calls it (their RNG states are gathered); the main one writes, and the others wait
+    until it has, so none runs ahead of a checkpoint it might be killed before."""
     target = checkpoint_dir(output_dir, progress.step)
+    rng_tensors, rng_plain = _gathered_rng_state(world)
+    if not world.is_main:
+        barrier(world)
+        return target
     optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
-    rng_tensors, rng_plain = _rng_state()
     state = {
         "format": FORMAT_VERSION,
         "progress": asdict(progress),
@@ -119,6 +150,8 @@ def save_checkpoint(
         "optimizer": optimizer_plain,
         "lr_scheduler": lr_scheduler.state_dict(),
         "rng": rng_plain,
+        # The global batch is processes x train.batch_size; a resume compares it (trainer.resume).
+        "processes": world.processes,
         # CPU results are bit-identical only with the same thread count (float sums split by thread).
         "cpu_threads": torch.get_num_threads(),
     }
@@ -130,6 +163,7 @@ def save_checkpoint(
         # state.json last: its presence is what marks the folder's content complete.
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     _rotate(Path(output_dir) / "checkpoints", keep, progress.step)
+    barrier(world)
     return target
 
 
@@ -203,15 +237,21 @@ class Checkpoint:
     def progress(self) -> Progress:
         return Progress(**self.state["progress"])
 
-    def restore(self, method, optimizer, lr_scheduler) -> None:
-        """Load the trained tensors, optimizer, schedule and RNGs, keeping the recipe's learning rates and
-        weight decay: loading brings back the checkpoint's, and a resume may change them (trainer.resume).
-        Unchanged, they are the same values, so the resumed run stays exact."""
+    @property
+    def processes(self) -> int:
+        return self.state.get("processes", 1)
+
+    def restore(self, method, optimizer, lr_scheduler, world: World = World()) -> None:
+        """Load the trained tensors, optimizer, schedule and this process's RNGs, keeping the recipe's
+        learning rates and weight decay: loading brings back the checkpoint's, and a resume may change them
+        (trainer.resume). Unchanged, they are the same values, so the resumed run stays exact."""
         recipe_values = [{key: group[key] for key in _RECIPE_GROUP_KEYS if key in group} for group in optimizer.param_groups]
         method.load_trainable_state_dict(load_file(self.path / "trainable.safetensors"))
         optimizer.load_state_dict(_unflatten_optimizer(load_file(self.path / "optimizer.safetensors"), self.state["optimizer"]))
         lr_scheduler.load_state_dict(self.state["lr_scheduler"])
-        _restore_rng(load_file(self.path / "rng.safetensors"), self.state["rng"])
+        if not _restore_rng(load_file(self.path / "rng.safetensors"), self.state["rng"], world.rank):
+            # Only module dropout draws from the process's generator; every other draw is seeded per sample.
+            print(f"note: the checkpoint has no RNG state for process {world.rank} (it was written by {self.processes}); it keeps its seeded one.")
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
         for group, values in zip(optimizer.param_groups, recipe_values):
             group.update(values)
@@ -227,8 +267,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"Checkpoint '{path}' cannot be read ({err}). Resume from an earlier checkpoint folder.") from None
-    if state.get("format") != FORMAT_VERSION:
-        raise UserError(f"Checkpoint '{path}' has format {state.get('format')}, this sdtrain reads format {FORMAT_VERSION}.")
+    if state.get("format") not in READABLE_VERSIONS:
+        raise UserError(f"Checkpoint '{path}' has format {state.get('format')}, this sdtrain reads formats {', '.join(map(str, READABLE_VERSIONS))}.")
     missing = [name for name in TENSOR_FILES if not (path / name).is_file()]
     if missing:
         raise UserError(

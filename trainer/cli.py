@@ -17,10 +17,29 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(recipe_to_yaml(recipe), end="")
         return 0
+    if args.processes < 1:
+        raise UserError(f"--processes is {args.processes}; it must be at least 1.")
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        from trainer.distributed import launch
+
+        return launch(args.processes, _without_processes(args.argv))
     from trainer.loop import train
 
     train(recipe, resume=args.resume, show_progress=not args.quiet, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
     return 0
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """The command line each launched process runs: this one without --processes (or --processes=N)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            kept.append(arg)
+    return kept
 
 
 def _base(args: argparse.Namespace) -> int:
@@ -107,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the training data changed since the checkpoint")
     train.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="train with N processes on this machine (one per GPU; on CPU they share the cores), the same result as one (docs/distributed.md)",
+    )
     train.set_defaults(run=_train)
 
     base = commands.add_parser("base", parents=[common], help="write a built-in base model as a diffusers folder")
@@ -178,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not args.debug:
         _quiet_libraries()
     try:

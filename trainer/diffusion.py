@@ -1,19 +1,25 @@
 """The denoising objective shared by every method: noise, timesteps, targets, loss weighting.
 
-All randomness of a training step comes from one generator seeded by (train.seed, step), so a run
-resumed at step k draws exactly the noise the uninterrupted run drew.
+Every sample's noise and timestep come from a generator seeded by (train.seed, epoch, sample), so a
+run resumed at step k draws exactly the noise the uninterrupted run drew, and a sample draws the same
+whichever batch or process it is trained in (docs/distributed.md).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from trainer.data.seeding import seed_of
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    # Distinct, reproducible streams per micro-batch; CPU generator so CPU and GPU runs draw the same numbers.
-    return torch.Generator("cpu").manual_seed(seed * 1_000_003 + micro_step)
+
+def sample_generators(seed: int, epoch: int, samples: Sequence[int], purpose: str) -> list[torch.Generator]:
+    """One generator per sample, a separate stream per purpose ("noise", "latents"); CPU generators, so CPU
+    and GPU runs draw the same numbers."""
+    return [torch.Generator("cpu").manual_seed(seed_of(seed, epoch, sample, purpose)) for sample in samples]
 
 
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +70,10 @@ class DDPMObjective:
     def __init__(self, scheduler: DDPMScheduler):
         self.scheduler = scheduler
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator, noise_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return sample_noise(latents, generator, noise_offset, self.scheduler.config.num_train_timesteps)
+    def sample(self, latents: torch.Tensor, generators: Sequence[torch.Generator], noise_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timestep of each row of ``latents`` from that row's generator."""
+        rows = [sample_noise(latents[i:i + 1], generator, noise_offset, self.scheduler.config.num_train_timesteps) for i, generator in enumerate(generators)]
+        return torch.cat([noise for noise, _ in rows]), torch.cat([timesteps for _, timesteps in rows])
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)

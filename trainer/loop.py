@@ -1,13 +1,15 @@
 """The one training loop. It knows nothing about which method it runs.
 
 Each optimizer step draws ``gradient_accumulation_steps`` micro-batches in the data loader's
-deterministic order, forms the method's loss on noise drawn from a generator seeded by the
-micro-batch number, and steps. Checkpoints record the step, the data position, the optimizer,
-scheduler and RNG states, so a resumed run continues exactly where it stopped.
+deterministic order, forms the method's loss on noise drawn from generators seeded per sample, and
+steps. Checkpoints record the step, the data position, the optimizer, scheduler and RNG states, so a
+resumed run continues exactly where it stopped. Run by several processes, each trains on its slice of
+every batch and the gradients are summed before the step (trainer.distributed, docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import diffusion
+from trainer.distributed import barrier, broadcast_parameters, prepare_environment, sum_gradients, sum_over_processes, world_of
 from trainer.atomic import write_text
 from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint, sweep_leftovers
 from trainer.errors import UserError
@@ -59,6 +62,10 @@ def _mixed_precision(setting: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _quiet(*args, **kwargs) -> None:
+    """``print`` on the processes other than the main one: one copy of every message."""
 
 
 def _check_fits_model(recipe: Recipe, model) -> None:
@@ -158,31 +165,39 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
             "text encoder, whose outputs change every step. Set data.cache_text_encoder_outputs=none, or stop training the text encoder."
         )
     recipe_dict = recipe_to_dict(recipe)
+    prepare_environment()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with="tensorboard" if recipe.output.tensorboard else None,
+        project_dir=str(output_dir / "logs"),
+    )
+    world = world_of(accelerator)
+    say = print if world.is_main else _quiet
     if resume and overwrite:
         raise UserError("--resume continues the run in output.dir and --overwrite moves it aside: pass one of them.")
     earlier = [] if resume else earlier_run(output_dir, recipe_dict)
     if earlier and not overwrite:
         raise refuse_earlier_run(output_dir, earlier)
     checkpoint = load_checkpoint(resolve_checkpoint(output_dir, resume)) if resume else None
-    sweep_leftovers(output_dir)
+    # Every process has looked at the folder before the main one changes it.
+    barrier(world)
+    if world.is_main:
+        sweep_leftovers(output_dir)
 
-    data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size, reg_loss_weight=method_cls.reg_loss_weight(recipe))
+    # One global batch of processes x batch_size samples per micro-step; each process trains its slice.
+    data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size * world.processes, reg_loss_weight=method_cls.reg_loss_weight(recipe))
     for warning in data.warnings:
-        print(f"warning: {warning}")
+        say(f"warning: {warning}")
     source_fingerprint = data.fingerprint
     data_change_reported = False
     if checkpoint:
-        resume_check = check_resume(checkpoint, recipe_dict, source_fingerprint, allow_data_change)
+        resume_check = check_resume(checkpoint, recipe_dict, source_fingerprint, allow_data_change, world.processes)
         for warning in resume_check.warnings:
-            print(f"warning: {warning}")
+            say(f"warning: {warning}")
         data_change_reported = resume_check.data_changed is True
-        _announce_later_checkpoints(output_dir, checkpoint.progress.step)
+        if world.is_main:
+            _announce_later_checkpoints(output_dir, checkpoint.progress.step)
 
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision,
-        log_with="tensorboard" if recipe.output.tensorboard else None,
-        project_dir=str(output_dir / "logs"),
-    )
     set_seed(cfg.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -190,22 +205,26 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     _check_fits_model(recipe, model)
     method = method_cls(recipe, model)
     device = accelerator.device
-    data = method.prepare_data(data, device)
+    # The main process completes the data first (e.g. draws class images); the others then find it done.
+    with accelerator.main_process_first():
+        data = method.prepare_data(data, device)
     if checkpoint and not data_change_reported:
         _data_changed(checkpoint, data, allow_data_change)
     method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
     optimizer = build_optimizer(method.param_groups(), cfg)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
+    # process, ending the schedule early with several processes.
+    optimizer = accelerator.prepare(optimizer)
 
     progress = Progress()
     if checkpoint:
-        checkpoint.restore(method, optimizer, lr_scheduler)
+        checkpoint.restore(method, optimizer, lr_scheduler, world)
         progress = checkpoint.progress
-        print(f"Resumed from {checkpoint.path} at step {progress.step}.")
+        say(f"Resumed from {checkpoint.path} at step {progress.step}.")
         if device.type == "cpu" and checkpoint.state.get("cpu_threads") not in (None, torch.get_num_threads()):
-            print(
+            say(
                 f"warning: the checkpoint was written with {checkpoint.state['cpu_threads']} CPU threads, this run uses "
                 f"{torch.get_num_threads()}; the result will match an uninterrupted run only to rounding. Set OMP_NUM_THREADS to match."
             )
@@ -221,17 +240,20 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         with torch.no_grad():
             return model.encode_latents(pixels.to(device))
 
-    if earlier:
-        print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    broadcast_parameters(trainable, world)
+    if world.is_main:
+        if earlier:
+            print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    barrier(world)
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
-    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not show_progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not (show_progress and world.is_main), unit="step", dynamic_ncols=True)
     step_loss = 0.0
     started = step_started = time.perf_counter()
 
@@ -240,44 +262,54 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
 
     def save() -> None:
         nonlocal saved_step
-        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints)
+        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints, world)
         result.checkpoints.append(path)
         saved_step = progress.step
 
     def sample() -> None:
         from trainer.sampling import write_samples
 
-        result.samples += write_samples(model, recipe, progress.step, output_dir / "samples", device)
+        if world.is_main:
+            result.samples += write_samples(model, recipe, progress.step, output_dir / "samples", device)
 
     while progress.step < cfg.max_steps:
         batches = data.epoch_batches(progress.epoch)
         while progress.batch_in_epoch < len(batches) and progress.step < cfg.max_steps:
             if progress.micro_step % accum == 0:
                 step_started = time.perf_counter()
-            batch = data.load_batch(batches[progress.batch_in_epoch], progress.epoch)
-            generator = diffusion.step_generator(cfg.seed, progress.micro_step)
-            if recipe.data.cache_latents == "none":
-                with torch.no_grad():
-                    dist = model.vae.encode(batch.pixel_values().to(device, model.vae.dtype)).latent_dist
-                    latents = model.scale_latents(dist.sample(generator=generator))
-            else:
-                latents = cache.latents(batch, encode_mean).to(device)
-            noise, timesteps = model.objective.sample(latents, generator, cfg.noise_offset)
-            with accelerator.autocast():
-                loss = method.loss(TrainingBatch(latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps))
-            if not torch.isfinite(loss):
+            global_batch = batches[progress.batch_in_epoch]
+            samples = world.slice_of(global_batch, cfg.batch_size)
+            loss = None
+            if samples:
+                batch = data.load_batch(samples, progress.epoch)
+                if recipe.data.cache_latents == "none":
+                    with torch.no_grad():
+                        dist = model.vae.encode(batch.pixel_values().to(device, model.vae.dtype)).latent_dist
+                        latents = model.scale_latents(dist.sample(generator=diffusion.sample_generators(cfg.seed, progress.epoch, samples, "latents")))
+                else:
+                    latents = cache.latents(batch, encode_mean).to(device)
+                noise, timesteps = model.objective.sample(latents, diffusion.sample_generators(cfg.seed, progress.epoch, samples, "noise"), cfg.noise_offset)
+                with accelerator.autocast():
+                    loss = method.loss(TrainingBatch(
+                        latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch)
+                    ))
+            # Each process's loss is its share of the global batch's mean: their sum is that mean.
+            batch_loss = sum_over_processes(loss.item() if loss is not None else 0.0, world, device)
+            if not math.isfinite(batch_loss):
                 last = latest_complete(output_dir)
                 raise TrainingDiverged(
-                    f"Training diverged at step {progress.step + 1}: the loss is {loss.item()}. "
+                    f"Training diverged at step {progress.step + 1}: the loss is {batch_loss}. "
                     + (f"The last good checkpoint is '{last}'. " if last else "No checkpoint was written yet. ")
                     + "Lower train.lr (or use train.mixed_precision=bf16 instead of fp16), then start again or resume from that checkpoint."
                 )
-            accelerator.backward(loss / accum)
-            step_loss += loss.item() / accum
+            if loss is not None:
+                accelerator.backward(loss / accum)
+            step_loss += batch_loss / accum
             progress.micro_step += 1
             progress.batch_in_epoch += 1
             if progress.micro_step % accum:
                 continue
+            sum_gradients(trainable, world)
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -309,10 +341,16 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     # open a window in which a kill damages it).
     if progress.step != saved_step:
         save()
-    context = ExportContext(output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data)
-    result.artifacts = method.export(context)
+    if world.is_main:
+        context = ExportContext(
+            output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data, processes=world.processes
+        )
+        result.artifacts = method.export(context)
+    barrier(world)
     accelerator.end_training()
     elapsed = time.perf_counter() - started
+    if not world.is_main:
+        return result
     if result.step_seconds:
         print(f"Trained {recipe.method} for {progress.step} steps in {elapsed:.1f}s; final loss {result.final_loss:.4f}.")
     else:

@@ -148,17 +148,37 @@ def _text_cache_note(old: str, new: str, step: int) -> tuple[str, bool]:
     return "memory and disk caches hold the same outputs", True
 
 
-def check_resume(checkpoint: Checkpoint, current: dict, source_fingerprint: str, allow_data_change: bool) -> ResumeCheck:
+def _global_batch_note(checkpoint: Checkpoint, current: dict, processes: int) -> tuple[str | None, str | None]:
+    """(refusal, note) for the process count and train.batch_size together: the data position counts
+    global batches of processes x batch_size samples, and every random draw is seeded per sample, so
+    the run continues exactly when that product is unchanged (docs/distributed.md)."""
+    old_batch, new_batch = checkpoint.state["recipe"]["train"]["batch_size"], current["train"]["batch_size"]
+    old_global, new_global = checkpoint.processes * old_batch, processes * new_batch
+    if (checkpoint.processes, old_batch) == (processes, new_batch):
+        return None, None
+    if checkpoint.processes == processes:
+        return f"train.batch_size: {old_batch} -> {new_batch}", None
+    described = f"{checkpoint.processes} process(es) x train.batch_size {old_batch} -> {processes} x {new_batch}"
+    if old_global != new_global:
+        fix = f"train.batch_size={old_global // processes}" if old_global % processes == 0 else f"{checkpoint.processes} process(es)"
+        return f"the global batch ({described}: {old_global} -> {new_global} samples; resume with {fix})", None
+    return None, f"{described} (the same {old_global}-sample batches and per-sample draws: equal up to float rounding; module dropout draws differ)"
+
+
+def check_resume(checkpoint: Checkpoint, current: dict, source_fingerprint: str, allow_data_change: bool, processes: int = 1) -> ResumeCheck:
     """Refuse a resume with recipe changes the checkpoint cannot continue with; describe the others.
 
     ``current`` is the recipe as a dict, ``source_fingerprint`` the fingerprint of the data as the
-    recipe reads it, before the method adds to it (compared with the checkpoint's when it has one).
+    recipe reads it, before the method adds to it (compared with the checkpoint's when it has one);
+    ``processes`` the number of processes of this run.
     """
     state, method, step = checkpoint.state, current["method"], checkpoint.progress.step
     changes = changed_keys(state["recipe"], current)
+    changes.pop("train.batch_size", None)  # judged with the process count
+    global_refusal, global_note = _global_batch_note(checkpoint, current, processes)
     recorded_source = state.get("data_source_fingerprint")
     data_changed = None if recorded_source is None else recorded_source != source_fingerprint
-    refused, data_keys, notes = [], [], []
+    refused, data_keys, notes = [global_refusal] if global_refusal else [], [], [global_note] if global_note else []
     same_as_uninterrupted = True
     for key, (old, new) in changes.items():
         line = f"{key}: {_show(old)} -> {_show(new)}"

@@ -237,6 +237,16 @@ class TrainingData:
         weights = torch.tensor([self.reg_loss_weight if item.is_reg else 1.0 for item in items], dtype=torch.float32)
         return Batch(items, list(sample_indices), captions, flipped, weights, keys, sizes.pop())
 
+    def counted_samples(self, sample_indices: Sequence[int]) -> int:
+        """How many samples of a batch its mean loss divides by: those of weight > 0, at least 1.
+
+        kohya divides by the batch size; leaving out samples of weight 0 makes DreamBooth's
+        prior_loss_weight=0 exactly "no class data" (the instance samples' mean alone), while any other
+        weight scales the class samples' loss by itself, in mixed and class-only batches alike.
+        """
+        counted = sum(1 for sample in sample_indices if not self.items[self._sample_item[sample]].is_reg or self.reg_loss_weight > 0)
+        return max(counted, 1)
+
     @staticmethod
     def cache_key(item: Item, flipped: bool) -> str:
         """Everything that decides the pixels: the file bytes, the resize and crop, the flip, the pipeline."""

@@ -15,10 +15,14 @@ from typing import MutableSequence, TypeVar
 T = TypeVar("T")
 
 
-def seeded_rng(*parts: object) -> random.Random:
-    """A generator seeded by e.g. ``(seed, epoch, sample_index, "caption")``; independent streams per purpose."""
+def seed_of(*parts: object) -> int:
+    """A 63-bit seed for e.g. ``(seed, epoch, sample_index, "caption")``: independent streams per purpose."""
     digest = hashlib.sha256("/".join(str(part) for part in parts).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    return random.Random(seed_of(*parts))
 
 
 def stable_shuffle(values: MutableSequence[T], rng: random.Random) -> None:

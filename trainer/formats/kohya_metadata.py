@@ -50,7 +50,7 @@ def training_metadata(recipe, model, context, *, network_module: str, network_di
         "ss_cache_latents": recipe.data.cache_latents != "none",
         "ss_resolution": f"({recipe.data.resolution}, {recipe.data.resolution})",
         "ss_batch_size_per_device": train.batch_size,
-        "ss_total_batch_size": train.batch_size * train.gradient_accumulation_steps,
+        "ss_total_batch_size": train.batch_size * train.gradient_accumulation_steps * context.processes,
         "ss_enable_bucket": recipe.data.buckets.enabled,
         "ss_min_bucket_reso": recipe.data.buckets.min_side,
         "ss_max_bucket_reso": recipe.data.buckets.max_side,

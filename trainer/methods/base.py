@@ -23,7 +23,9 @@ from trainer.recipe import Recipe
 @dataclass
 class TrainingBatch:
     """One micro-batch as the loop hands it to a method: latents with their noise and timesteps drawn,
-    the captions after the data's augmentation, each image's geometry, and per-sample loss weights."""
+    the captions after the data's augmentation, each image's geometry, per-sample loss weights, and
+    what the weighted sum of the per-sample losses is divided by: the number of samples that count in
+    the whole batch, of which this process may train only a slice (docs/distributed.md)."""
 
     latents: torch.Tensor
     captions: list[str]
@@ -31,6 +33,7 @@ class TrainingBatch:
     loss_weights: torch.Tensor
     noise: torch.Tensor
     timesteps: torch.Tensor
+    loss_denominator: int
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ExportContext:
     epoch: int
     started_at: str
     data: object  # trainer.data.TrainingData
+    processes: int = 1
 
 
 class TrainingMethod:
@@ -150,13 +154,14 @@ class TrainingMethod:
         return self.text_cache.conditioning(captions, encode) if self.text_cache is not None else encode(captions)
 
     def loss(self, batch: TrainingBatch) -> torch.Tensor:
-        """The denoising loss of one batch: predict the noise (or velocity) of the noised latents."""
+        """The denoising loss of one batch: predict the noise (or velocity) of the noised latents; the
+        weighted per-sample losses summed and divided by ``batch.loss_denominator``."""
         objective = self.model.objective
         noisy = objective.add_noise(batch.latents, batch.noise, batch.timesteps)
         prediction = self.model.predict(noisy, batch.timesteps, self.encode_text(batch.captions), batch.geometry)
         target = objective.target(batch.latents, batch.noise, batch.timesteps)
         per_sample = objective.per_sample_loss(prediction, target, batch.timesteps, self.recipe.train.min_snr_gamma)
-        return (per_sample * batch.loss_weights.to(per_sample.device)).mean()
+        return (per_sample * batch.loss_weights.to(per_sample.device)).sum() / batch.loss_denominator
 
     def after_optimizer_step(self) -> None:
         """Hook for methods that must fix parameters after each update (e.g. untouched embedding rows)."""

@@ -149,19 +149,6 @@ class DreamBoothMethod(TrainingMethod):
             for encoder in self.model.text_encoder_modules().values():
                 encoder.requires_grad_(False)
 
-    # --- how the loss is formed --------------------------------------------------------------------
-    def loss(self, batch):
-        """kohya's weighted batch mean, sum(w * loss) / batch size with w = prior_loss_weight for class samples,
-        except that samples of weight 0 do not count toward the batch size.
-
-        So weight 0 is exactly "no class data" (the loss and gradient of the batch's instance samples alone),
-        while any other weight scales the class samples' loss by itself, in mixed and class-only batches alike.
-        """
-        counted = int((batch.loss_weights > 0).sum())
-        if counted:
-            batch = replace(batch, loss_weights=batch.loss_weights * (len(batch.loss_weights) / counted))
-        return super().loss(batch)
-
     def after_optimizer_step(self) -> None:
         self._steps += 1
         if self._ema:

@@ -1,0 +1,178 @@
+"""Two processes train what one does: `sdtrain train --processes 2` on CPU (gloo) against one process with
+the same global batch, for LoRA, Textual Inversion and DreamBooth; a killed two-process run resumes to
+the bit; a resume with another process count continues when the global batch is unchanged and is
+refused when it is not (docs/distributed.md).
+
+Every run is a real `sdtrain` command (the two-process ones start torch's launcher), with one CPU
+thread per process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, fast_overrides
+from tests.tolerances import FP32, Rounding, assert_close_in_norm, layer_rounding, relative_error
+from trainer.checkpoint import checkpoint_dir
+from trainer.models.loading import load_base_model
+
+STEPS = 3
+RUN_TIMEOUT_S = 600
+# The samples a global batch holds: 2 processes x batch 1 against 1 process x batch 2.
+GLOBAL_BATCH = 2
+
+RECIPES = {
+    "lora": ("sls_frog_lora.yaml", {"lora.text_encoder": True}),
+    "textual_inversion": ("sls_frog_ti.yaml", {}),
+    "dreambooth": (
+        "sls_frog_dreambooth.yaml",
+        {"dreambooth.num_class_images": 2, "dreambooth.class_sample_steps": 2, "dreambooth.class_batch_size": 2, "dreambooth.ema": False},
+    ),
+}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _command(method: str, out: Path, processes: int, *args: str, **extra) -> list[str]:
+    recipe, values = RECIPES[method]
+    # adam_epsilon 1, far above every |gradient| here: AdamW's step lr * m / (sqrt(v) + eps) then moves
+    # with the gradient by at most lr per unit, so rounding differences of the gradients are not blown up
+    # the way sqrt(v) in the denominator blows up those of gradients near zero at the usual 1e-8.
+    values = {
+        **values, "train.max_steps": STEPS, "train.save_every_steps": 1, "train.keep_checkpoints": 0, "train.adam_epsilon": 1.0,
+        "train.lr": 0.05, "train.batch_size": GLOBAL_BATCH // processes, **extra,
+    }
+    if method == "dreambooth":
+        values["dreambooth.class_dir"] = str(out.parent / "class_images")
+    return [
+        sys.executable, "-m", "trainer.cli", "train", str(REPO / "recipes" / recipe), *fast_overrides(out, **values),
+        "--quiet", f"--processes={processes}", *args,
+    ]
+
+
+def _train(method: str, out: Path, processes: int, *args: str, **extra) -> subprocess.CompletedProcess:
+    done = subprocess.run(_command(method, out, processes, *args, **extra), env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _tensors(out: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint_dir(out, step) / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Per method: (one process x batch 2, two processes x batch 1), sharing the class images."""
+    made = {}
+    for method in RECIPES:
+        root = tmp_path_factory.mktemp(f"distributed-{method}")
+        one, two = root / "one", root / "two"
+        _train(method, one, 1)
+        _train(method, two, 2)
+        made[method] = (one, two)
+    return made
+
+
+def _gradient_rounding() -> Rounding:
+    """Both runs compute the global batch's gradient: one as a batch of 2, the other as two batches of 1
+    summed by the all-reduce, so only the order of float sums differs. Forward and backward through the
+    whole model bound the chain (what trains sits anywhere in it); a weight gradient also sums over the
+    batch and the positions: 2 x 77 tokens for the text encoder, 2 x 64 latent pixels at 64 px."""
+    model = load_base_model("tiny")
+    return layer_rounding(model.unet, *model.text_encoder_modules().values(), passes=2, sums=GLOBAL_BATCH * 77)
+
+
+def _flat(tensors: dict[str, torch.Tensor], suffix: str = "") -> torch.Tensor:
+    return torch.cat([tensors[key].double().flatten() for key in sorted(tensors) if key.endswith(suffix)])
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_two_processes_compute_the_one_process_gradient(runs, method):
+    """AdamW's first moment after step 1 is (1 - beta1) x the gradient: the summed gradient of the global batch."""
+    one, two = runs[method]
+    first, second = _tensors(one, 1, "optimizer"), _tensors(two, 1, "optimizer")
+    assert sorted(first) == sorted(second)
+    expected, actual = _flat(first, ".exp_avg"), _flat(second, ".exp_avg")
+    assert expected.norm() > 0
+    # Bound ~1e-4 (printed on failure); an unsynchronised gradient (each process its own sample's, or half
+    # the sum) differs by 0.3-1 of the norm.
+    assert_close_in_norm(actual, expected, _gradient_rounding(), what=f"{method}: the step-1 gradient of 2 processes")
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_two_processes_train_the_one_process_weights(runs, method):
+    one, two = runs[method]
+    start, expected, actual = _tensors(one, 1, "trainable"), _tensors(one, STEPS, "trainable"), _tensors(two, STEPS, "trainable")
+    # Compared in norm: what the steps after step 1 moved the weights by, measured from one process's step-1
+    # weights (the two runs' step-1 weights differ only by step 1's rounding, counted below).
+    change_one = _flat(expected) - _flat(start)
+    change_two = _flat(actual) - _flat(start)
+    assert change_one.norm() > 0
+    # Each of the STEPS updates carries the gradient's rounding (AdamW with eps 1 moves with it by at most
+    # lr per unit, see _command); the next gradients see weights that differ by that much, which the
+    # model's forward and backward pass on without amplifying beyond the depth counted: safety STEPS.
+    # Adding an update of |u| to a weight of |w| rounds relative to |w|: STEPS more roundings of ||w||,
+    # FP32 x sqrt(STEPS) x ||w||, far below the first term at these step sizes.
+    gradient = _gradient_rounding()
+    bound = Rounding(gradient.unit, gradient.terms, gradient.depth, safety=STEPS)
+    weights = _flat(expected).norm().item()
+    assert relative_error(change_two, change_one) <= bound.bound + 2 * FP32 * STEPS**0.5 * weights / change_one.norm().item(), (
+        f"{method}: the weights 2 processes trained differ from one process's by "
+        f"{relative_error(change_two, change_one):.3g} of the change, bound {bound}"
+    )
+
+
+def _final_trainable(out: Path) -> dict[str, torch.Tensor]:
+    return _tensors(out, STEPS + 3, "trainable")
+
+
+def test_killed_two_process_run_resumes_to_the_bit(tmp_path):
+    """SIGKILL the whole two-process run once its first checkpoint exists; --resume latest finishes it with
+    exactly the weights of the uninterrupted two-process run (same process count, same threads)."""
+    steps = STEPS + 3
+    uninterrupted = tmp_path / "uninterrupted"
+    _train("lora", uninterrupted, 2, **{"train.max_steps": steps})
+    killed = tmp_path / "killed"
+    child = subprocess.Popen(
+        _command("lora", killed, 2, **{"train.max_steps": steps}), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (checkpoint_dir(killed, 2) / "state.json").exists():
+        assert child.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (killed / "sls_frog.safetensors").exists()
+    _train("lora", killed, 2, "--resume", "latest", **{"train.max_steps": steps})
+    expected, actual = _final_trainable(uninterrupted), _final_trainable(killed)
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_resume_with_other_process_count_keeps_or_refuses_the_global_batch(runs, tmp_path):
+    _, two = runs["lora"]
+    continued = tmp_path / "continued"
+    subprocess.run(["cp", "-r", str(two), str(continued)], check=True)
+    # One process x batch 1 would cut the data into other batches: refused before anything loads.
+    refused = subprocess.run(
+        _command("lora", continued, 1, "--resume", "latest", **{"train.max_steps": STEPS + 1, "train.batch_size": 1}),
+        env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )
+    assert refused.returncode == 2
+    assert "the global batch (2 process(es) x train.batch_size 1 -> 1 x 1: 2 -> 1 samples; resume with train.batch_size=2)" in refused.stderr
+    assert not checkpoint_dir(continued, STEPS + 1).exists()
+    # One process x batch 2 continues it: the same global batches.
+    done = _train("lora", continued, 1, "--resume", "latest", **{"train.max_steps": STEPS + 1})
+    assert "2 process(es) x train.batch_size 1 -> 1 x 2" in done.stdout + done.stderr
+    assert (checkpoint_dir(continued, STEPS + 1) / "state.json").exists()
