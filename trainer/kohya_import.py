@@ -84,8 +84,10 @@ class Draft:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     unset: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
-    # recipe key -> epochs, converted to steps once the data is known.
-    epochs: dict[str, tuple[float, str]] = field(default_factory=dict)
+    # Options read without a recipe key of their own (e.g. dataset_config, sample_sampler ddim).
+    used: set[str] = field(default_factory=set)
+    # recipe key -> (amount, "epochs"/"percent"/"fraction", kohya option), converted to steps once the data is known.
+    epochs: dict[str, tuple[float, str, str]] = field(default_factory=dict)
     defaulting: bool = False
 
     @property
@@ -203,6 +205,7 @@ def dropped(why: str, *options: str) -> Rule:
 
 def _decided_first(draft: Draft, name: str, value: Any) -> None:
     """Options that decide the method, family or data were read before the table (see _start)."""
+    draft.used.add(name)
 
 
 def _train_data_dir(draft: Draft, name: str, value: Any) -> None:
@@ -285,8 +288,11 @@ def _text_encoder_lr(draft: Draft, name: str, value: Any) -> None:
 
 def _learning_rate(draft: Draft, name: str, value: Any) -> None:
     rate = draft.number(name, value, float)
+    te_rates = [draft.setup.options.get(option) for option in _RULE_OF["text_encoder_lr"].options]
     if "train.lr" not in draft.values:
         draft.set("train.lr", rate, f"kohya {name}")
+    elif any(not _is_off(te_rate) for te_rate in te_rates) and draft.method != "textual_inversion":
+        draft.drop(name, value, "unet_lr and text_encoder_lr set both rates (as in sd-scripts)")
     elif draft.method != "textual_inversion" and f"{draft.method}.text_encoder_lr" not in draft.values:
         # unet_lr set the UNet's rate; the text encoder keeps learning_rate, as in sd-scripts.
         draft.set(f"{draft.method}.text_encoder_lr", rate, f"kohya {name} (unet_lr sets the UNet's)")
@@ -311,10 +317,10 @@ def _warmup(draft: Draft, name: str, value: Any) -> None:
     if amount == 0:
         draft.set("train.lr_warmup_steps", 0, f"kohya {name}")
     elif name == "lr_warmup":
-        draft.epochs["train.lr_warmup_steps"] = (amount / 100, "percent")
+        draft.epochs["train.lr_warmup_steps"] = (amount / 100, "percent", name)
     elif 0 < amount < 1:
         # sd-scripts reads a warm-up below 1 as a fraction of the run.
-        draft.epochs["train.lr_warmup_steps"] = (amount, "fraction")
+        draft.epochs["train.lr_warmup_steps"] = (amount, "fraction", name)
     else:
         draft.set("train.lr_warmup_steps", int(amount), f"kohya {name}")
 
@@ -363,7 +369,7 @@ def _duration(draft: Draft, name: str, value: Any) -> None:
     if draft.setup.from_gui and name == "epoch" and draft.values.get("train.max_steps"):
         draft.drop(name, value, "the GUI trains max_train_steps when it is set")
         return
-    draft.epochs["train.max_steps"] = (epochs, "epochs")
+    draft.epochs["train.max_steps"] = (epochs, "epochs", name)
 
 
 def _every(key: str, per: str) -> Apply:
@@ -374,7 +380,7 @@ def _every(key: str, per: str) -> Apply:
         if per == "steps":
             draft.set(key, count, f"kohya {name}")
         else:
-            draft.epochs[key] = (count, "epochs")
+            draft.epochs[key] = (count, "epochs", name)
 
     return apply
 
@@ -450,7 +456,7 @@ def _stop_text_encoder(draft: Draft, name: str, value: Any) -> None:
     if steps < 0:
         draft.set("dreambooth.train_text_encoder", False, f"kohya {name} = {steps}: the text encoder does not train")
     elif draft.setup.from_gui and steps > 0:
-        draft.epochs["dreambooth.text_encoder_steps"] = (steps / 100, "percent")
+        draft.epochs["dreambooth.text_encoder_steps"] = (steps / 100, "percent", name)
     elif steps > 0:
         draft.set("dreambooth.text_encoder_steps", steps, f"kohya {name}")
 
@@ -509,7 +515,9 @@ def _sample_prompts(draft: Draft, name: str, value: Any) -> None:
 
 
 def _sampler(draft: Draft, name: str, value: Any) -> None:
-    if str(value).strip().lower() != "ddim":
+    if str(value).strip().lower() == "ddim":
+        draft.used.add(name)
+    else:
         draft.drop(name, value, "sdtrain samples with DDIM")
 
 
@@ -847,10 +855,16 @@ def _dataset_subsets(draft: Draft) -> None:
         if key not in SUBSET_OWN_KEYS:
             setup.options[key] = value
             setup.origins[key] = setup.dataset_file
-    for other in (settings for _, settings in subsets[1:]):
-        for key in sorted(set(first) | set(other)):
-            if key not in SUBSET_OWN_KEYS and key != "is_reg" and other.get(key) != first.get(key) and not other.get("is_reg"):
-                draft.dropped.append((f"{key} = {other.get(key)} of subset '{other['image_dir']}'", f"sdtrain has one {key} per run: the first training subset's ({first.get(key)})"))
+    for other in (settings for _, settings in subsets if settings is not first):
+        for key, value in other.items():
+            if key in SUBSET_OWN_KEYS or value == first.get(key):
+                continue
+            rule = _RULE_OF.get(key)
+            what = f"{key} = {_shown(value)} (subset '{other['image_dir']}')"
+            if rule is not None and not rule.carried:
+                draft.dropped.append((what, rule.how))
+            else:
+                draft.dropped.append((what, f"sdtrain has one {key} per run: the first training subset's ({_shown(first.get(key))})"))
     draft.set("data.subsets", [subset for subset, _ in subsets], f"kohya dataset TOML '{setup.dataset_file}'")
 
 
@@ -938,8 +952,12 @@ def _apply_rules(draft: Draft) -> None:
             draft.defaulting = True
             rule.apply(draft, rule.options[0], rule.kohya_default)
             draft.defaulting = False
-        for name, value in given:
-            rule.apply(draft, name, value)
+        for name, value in present:
+            before = (dict(draft.comments), len(draft.dropped), len(draft.unset), dict(draft.epochs), len(draft.used))
+            if (name, value) in given:
+                rule.apply(draft, name, value)
+            if before == (draft.comments, len(draft.dropped), len(draft.unset), draft.epochs, len(draft.used)):
+                draft.unset.append(name)  # empty, 0 = off, or superseded: it set nothing
     draft.unknown = [_display(name) for name in options if name not in _RULE_OF and name not in SUBSET_OWN_KEYS]
 
 
@@ -966,18 +984,18 @@ def _steps_per_epoch(draft: Draft) -> tuple[int, str]:
 def _convert_epochs(draft: Draft) -> None:
     if not draft.epochs:
         return
-    per_epoch, how = _steps_per_epoch(draft) if any(unit == "epochs" for _, unit in draft.epochs.values()) else (0, "")
+    per_epoch, how = _steps_per_epoch(draft) if any(unit == "epochs" for _, unit, _ in draft.epochs.values()) else (0, "")
     for key in ("train.max_steps", *draft.epochs):
         if key not in draft.epochs:
             continue
-        amount, unit = draft.epochs[key]
+        amount, unit, name = draft.epochs[key]
         if unit == "epochs":
-            draft.set(key, int(amount) * per_epoch, f"kohya {amount} epochs × {how}")
+            draft.set(key, int(amount) * per_epoch, f"kohya {name} {amount} × {how}")
         else:
             total = draft.values["train.max_steps"]
             steps = math.ceil(total * amount) if key == "dreambooth.text_encoder_steps" else round(total * amount)
             what = f"{amount * 100:g}% (the GUI's percentage)" if unit == "percent" else f"{amount:g}"
-            draft.set(key, steps, f"kohya {what} of {total} steps")
+            draft.set(key, steps, f"kohya {name} {what} of {total} steps")
 
 
 def _nested(values: dict[str, Any]) -> dict[str, Any]:

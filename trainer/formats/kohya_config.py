@@ -178,7 +178,7 @@ def find_referenced(setup: KohyaSetup, option: str, value: str, *, want_dir: boo
     candidates = [given] if given.is_absolute() else [given, setup.base_dir / given]
     for candidate in candidates:
         if candidate.is_dir() if want_dir else candidate.is_file():
-            return candidate
+            return candidate if candidate is given else candidate.resolve()
     kind = "folder" if want_dir else "file"
     source = setup.origins.get(option) or setup.dataset_file
     looked = " and ".join(f"'{c}'" for c in dict.fromkeys(candidates))
