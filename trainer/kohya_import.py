@@ -90,10 +90,6 @@ class Draft:
     epochs: dict[str, tuple[float, str, str]] = field(default_factory=dict)
     defaulting: bool = False
 
-    @property
-    def section(self) -> str:
-        return self.method
-
     def set(self, key: str, value: Any, comment: str) -> None:
         self.values[key] = value
         self.comments[key] = comment if not self.defaulting else f"{comment} (kohya's default; the file does not set it)"
@@ -182,7 +178,7 @@ def to(option: str, key: str, kind: type, how: str = "", *aliases: str, default:
             draft.drop(name, value, f"only for method {' or '.join(only)}; this is {draft.method}")
             return
         converted = draft.flag(name, value) if kind is bool else value if kind is str else draft.number(name, value, kind)
-        draft.set(key.format(method=draft.section), converted, f"kohya {_display(name)}")
+        draft.set(key.format(method=draft.method), converted, f"kohya {_display(name)}")
 
     def export(recipe: Any) -> dict[str, Any]:
         # optimizer_args entries are exported together (_export_train).
@@ -191,7 +187,7 @@ def to(option: str, key: str, kind: type, how: str = "", *aliases: str, default:
         value = _get(recipe, key.format(method=recipe.method))
         if kind is bool:
             return {option: True} if value else {}
-        return {} if value is None else {option: value}
+        return {} if value is None or value == "" else {option: value}
 
     return Rule((option, *aliases), key, how or "copied", apply, export, default)
 
@@ -660,7 +656,7 @@ def _export_caches(recipe: Any) -> dict[str, Any]:
 def _export_saving(recipe: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"output_dir": recipe.output.dir, "output_name": recipe.output.name,
                                "save_precision": {"fp32": "float"}.get(recipe.output.save_dtype, recipe.output.save_dtype),
-                               "save_model_as": "diffusers" if recipe.output.formats[:1] == ["diffusers"] and recipe.method == "dreambooth" else "safetensors"}
+                               "save_model_as": {"diffusers": "diffusers", "a1111_pt": "pt"}.get(recipe.output.formats[0] if recipe.output.formats else "", "safetensors")}
     if recipe.train.save_every_steps:
         options["save_every_n_steps"] = recipe.train.save_every_steps
         if recipe.train.keep_checkpoints:
@@ -1029,6 +1025,7 @@ def _yaml_value(value: Any) -> str:
 def _recipe_lines(draft: Draft) -> list[str]:
     from omegaconf import OmegaConf
 
+    from trainer.methods import METHODS
     from trainer.recipe import Recipe
 
     schema = OmegaConf.to_container(OmegaConf.structured(Recipe), throw_on_missing=False)
@@ -1058,7 +1055,8 @@ def _recipe_lines(draft: Draft) -> list[str]:
             else:
                 line(indent, key, _yaml_value(value), path)
 
-    sections = {key: shape for key, shape in schema.items() if key not in ("lora", "lycoris", "dreambooth", "textual_inversion", "hypernetwork") or key == draft.method}
+    # Of the method sections, only the recipe's own.
+    sections = {key: shape for key, shape in schema.items() if key not in METHODS or key == draft.method}
     for key, shape in sections.items():
         if key in tree:
             if isinstance(shape, dict):

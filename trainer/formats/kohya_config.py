@@ -24,7 +24,6 @@ from trainer.errors import UserError
 
 # Options sd-scripts declares with nargs="*": their values stay a list even when one is given.
 LIST_OPTIONS = frozenset({"network_args", "optimizer_args", "lr_scheduler_args", "text_encoder_lr", "base_weights", "base_weights_multiplier"})
-DATASET_LEVELS = ("general", "datasets")
 
 
 @dataclass
@@ -147,7 +146,11 @@ def read_kohya_files(paths: list[Path]) -> KohyaSetup:
             # The GUI's "additional parameters" box: more sd-scripts options, as on a command line.
             extra = str(fields.pop("additional_parameters", "") or "")
             _add(setup, fields, path)
-            _add(setup, parse_options(shlex.split(extra), f"additional_parameters in '{path}'"), path)
+            try:
+                tokens = shlex.split(extra)
+            except ValueError as err:
+                raise UserError(f"additional_parameters in '{path}' cannot be split into options ({err}: an unclosed quote?). Fix it there.") from None
+            _add(setup, parse_options(tokens, f"additional_parameters in '{path}'"), path)
             setup.from_gui = True
         elif suffix == ".toml":
             data = _read_toml(path, text)
