@@ -110,6 +110,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_kohya(args: argparse.Namespace) -> int:
+    from trainer.kohya_import import import_kohya
+
+    written = import_kohya([Path(p) for p in args.files], Path(args.output) if args.output else None, overwrite=args.overwrite, script=args.script)
+    print(f"Wrote {written}; not carried over options are listed at its top. Train it with: sdtrain train {written}")
+    return 0
+
+
+def _export_kohya(args: argparse.Namespace) -> int:
+    from trainer.kohya_import import export_kohya
+
+    for path in export_kohya(Path(args.recipe), Path(args.output), overwrite=args.overwrite):
+        print(f"Wrote {path}")
+    return 0
+
+
+def _add_kohya_commands(commands, common: argparse.ArgumentParser) -> None:
+    """``sdtrain import kohya FILE...`` and ``sdtrain export kohya RECIPE`` (docs/from-kohya.md)."""
+    importing = commands.add_parser("import", help="turn another trainer's settings into a recipe")
+    kohya_in = importing.add_subparsers(dest="import_command", required=True).add_parser(
+        "kohya", parents=[common], help="a kohya_ss .json, sd-scripts .toml (config or dataset) or saved command line -> a commented recipe")
+    kohya_in.add_argument("files", nargs="+", help="kohya files; a dataset TOML named by dataset_config is read too")
+    kohya_in.add_argument("-o", "--output", help="the recipe to write (default: <first file's name>.yaml here)")
+    kohya_in.add_argument("--script", help="the sd-scripts script the files are for, when they do not say (e.g. sdxl_train_network.py)")
+    kohya_in.add_argument("--overwrite", action="store_true", help="replace the recipe file if it exists")
+    kohya_in.set_defaults(run=_import_kohya)
+    exporting = commands.add_parser("export", help="write a recipe as another trainer's settings")
+    kohya_out = exporting.add_subparsers(dest="export_command", required=True).add_parser(
+        "kohya", parents=[common], help="a dataset TOML and an sd-scripts command line for the same run")
+    kohya_out.add_argument("recipe", help="a YAML recipe")
+    kohya_out.add_argument("-o", "--output", default="kohya_export", help="folder for dataset.toml, train.sh, prompts.txt (default kohya_export)")
+    kohya_out.add_argument("--overwrite", action="store_true", help="replace those files if they exist")
+    kohya_out.set_defaults(run=_export_kohya)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -174,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     concept.add_argument("--samples", type=int, default=40, help="images per prompt (default 40)")
     concept.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     concept.set_defaults(run=_eval_concept)
+
+    _add_kohya_commands(commands, common)
 
     from trainer.bench import add_arguments
 
