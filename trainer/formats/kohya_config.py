@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,10 @@ def _read_text(path: Path) -> str:
 
 
 def _read_toml(path: Path, text: str) -> dict:
-    try:
+    if sys.version_info >= (3, 11):
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        raise UserError(f"Reading the TOML file '{path}' needs Python 3.11 or newer (tomllib). Use a newer Python, or pass the command line instead.") from None
+    else:  # the same parser, as a package (a dependency on Python 3.10)
+        import tomli as tomllib
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
