@@ -114,10 +114,10 @@ def test_class_images_are_reused_and_only_missing_ones_drawn(run, class_dir, tmp
 # The prior loss
 
 
-def _unet_gradient(method, latents, captions, weights, noise, timesteps):
+def _unet_gradient(method, latents, captions, weights, noise, timesteps, denominator):
     method.model.unet.zero_grad(set_to_none=True)
     geometry = [ImageGeometry.square(latents.shape[-1] * method.model.vae_scale_factor)] * len(latents)
-    method.loss(TrainingBatch(latents, captions, geometry, weights, noise, timesteps)).backward()
+    method.loss(TrainingBatch(latents, captions, geometry, weights, noise, timesteps, denominator)).backward()
     return torch.cat([p.grad.flatten() for p in method.model.unet.parameters()])
 
 
@@ -141,12 +141,13 @@ def test_prior_loss_enters_the_gradient(run, class_dir, tmp_path):
         generator = torch.Generator().manual_seed(0)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)
-        gradients[weight] = _unet_gradient(method, latents, batch.captions, batch.loss_weights, noise, timesteps)
+        # The batch's mean divides by the samples that count (class samples of weight 0 do not).
+        gradients[weight] = _unet_gradient(method, latents, batch.captions, batch.loss_weights, noise, timesteps, data.counted_samples(batch.sample_indices))
         if "instance only" not in gradients:  # the same batch for both weights: same data, same seed
             instance = ~is_reg
             captions = [caption for caption, reg in zip(batch.captions, is_reg) if not reg]
             gradients["instance only"] = _unet_gradient(
-                method, latents[instance], captions, torch.ones(len(captions)), noise[instance], timesteps[instance]
+                method, latents[instance], captions, torch.ones(len(captions)), noise[instance], timesteps[instance], len(captions)
             )
     # Weight 0: the class samples change nothing; weight 1: they do, by a lot. Without the class samples
     # the instance gradient is the same sum in another order (oneDNN blocks a batch of 4 unlike one of

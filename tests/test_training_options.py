@@ -75,9 +75,9 @@ def test_min_snr_gamma_weights_each_sample():
     # 1 - a, a / (1 - a), min(., 5) / snr and the product with the loss (exactly 1): four roundings, bound
     # 1e-6 of each weight. The v-prediction weight min(snr, 5) / (snr + 1) in its place misses by 2e-3 of
     # it at t = 1, by all of it at t = 999.
-    assert_close_elementwise(diffusion.per_sample_loss(prediction, target, t, scheduler, 5.0), expected, Rounding(FP32, terms=1, depth=4))
+    assert_close_elementwise(diffusion.per_sample_loss(prediction, target, t, scheduler, diffusion.ObjectiveSettings(min_snr_gamma=5.0)), expected, Rounding(FP32, terms=1, depth=4))
     # The mean of 16 squared differences of exactly 1 is exactly 1, in any order of summation.
-    assert torch.equal(diffusion.per_sample_loss(prediction, target, t, scheduler, None), torch.ones(3))
+    assert torch.equal(diffusion.per_sample_loss(prediction, target, t, scheduler, diffusion.ObjectiveSettings()), torch.ones(3))
 
 
 def test_noise_offset_shifts_whole_channels():

@@ -341,6 +341,25 @@ def _betas(draft: Draft, name: str, value: Any) -> None:
     draft.set("train.adam_beta2", draft.number(name, parts[1], float), f"kohya {_display(name)}")
 
 
+def _timestep_bound(index: int) -> Apply:
+    """min_timestep / max_timestep: one end of train.timestep_range (the other kohya's default until set)."""
+
+    def apply(draft: Draft, name: str, value: Any) -> None:
+        bounds = list(draft.values.get("train.timestep_range") or [0, 1000])
+        bounds[index] = draft.number(name, value, int)
+        draft.set("train.timestep_range", bounds, "kohya min_timestep, max_timestep")
+
+    return apply
+
+
+def _timestep_export(option: str, index: int) -> Export:
+    def export(recipe: Any) -> dict[str, Any]:
+        bounds = recipe.train.timestep_range
+        return {option: bounds[index]} if bounds else {}
+
+    return export
+
+
 def _precision(key: str) -> Apply:
     def apply(draft: Draft, name: str, value: Any) -> None:
         text = str(value).strip().lower()
@@ -721,6 +740,17 @@ RULES: list[Rule] = [
     to("gradient_checkpointing", "train.gradient_checkpointing", bool),
     to("noise_offset", "train.noise_offset", float),
     to("min_snr_gamma", "train.min_snr_gamma", float),
+    to("multires_noise_iterations", "train.multires_noise_iterations", int),
+    to("multires_noise_discount", "train.multires_noise_discount", float),
+    to("ip_noise_gamma", "train.ip_noise_gamma", float),
+    to("zero_terminal_snr", "train.zero_terminal_snr", bool),
+    to("debiased_estimation_loss", "train.debiased_estimation", bool),
+    to("loss_type", "train.loss", str),
+    to("huber_schedule", "train.huber_schedule", str),
+    to("huber_c", "train.huber_c", float),
+    to("huber_scale", "train.huber_scale", float),
+    Rule(("min_timestep",), "train.timestep_range", "the range's first value", _timestep_bound(0), _timestep_export("min_timestep", 0)),
+    Rule(("max_timestep",), "train.timestep_range", "the range's second value (drawn up to it, not including it)", _timestep_bound(1), _timestep_export("max_timestep", 1)),
     Rule(("prior_loss_weight",), "dreambooth.prior_loss_weight", "copied for DreamBooth; LoRA and LyCORIS weight regularisation images 1.0", _prior_loss_weight),
     # the network
     Rule(("network_dim",), "lora.rank / lycoris.rank", "copied (kohya's default is 4)", _network_dim("rank"), kohya_default=4),
@@ -780,9 +810,8 @@ RULES: list[Rule] = [
             "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "weighted_captions", "alpha_mask", "masked_loss",
             "custom_attributes", "conditioning_data_dir", "resize_interpolation", "network_multiplier", "in_json", "metadata_file", "dataset_repeats",
             "dataset_class", "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
-            "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma",
-            "ip_noise_gamma_random_strength", "min_timestep", "max_timestep", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
-            "debiased_estimation_loss", "loss_type", "huber_c", "huber_scale", "huber_schedule", "perlin_noise", "weighting_scheme", "logit_mean", "logit_std",
+            "noise_offset_random_strength", "adaptive_noise_scale",
+            "ip_noise_gamma_random_strength", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "perlin_noise", "weighting_scheme", "logit_mean", "logit_std",
             "mode_scale", "scale_weight_norms", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "lr_scheduler_type", "lr_decay_steps",
             "lr_scheduler_timescale", "lr_scheduler_min_lr_ratio", "optimizer_schedulefree_wrapper", "schedulefree_wrapper_args", "use_lion_optimizer",
             "network_train_text_encoder_only", "learning_rate_te2", "block_lr", "no_token_padding", "sample_at_first", "module_dropout",

@@ -202,6 +202,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
     model = load_recipe_model(recipe.model, source)
+    model.objective_settings = diffusion.ObjectiveSettings.from_train(cfg)
     _check_fits_model(recipe, model)
     method = method_cls(recipe, model)
     device = accelerator.device
@@ -288,10 +289,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
                         latents = model.scale_latents(dist.sample(generator=diffusion.sample_generators(cfg.seed, progress.epoch, samples, "latents")))
                 else:
                     latents = cache.latents(batch, encode_mean).to(device)
-                noise, timesteps = model.objective.sample(latents, diffusion.sample_generators(cfg.seed, progress.epoch, samples, "noise"), cfg.noise_offset)
+                noise, timesteps, input_noise = model.objective.sample(latents, diffusion.sample_generators(cfg.seed, progress.epoch, samples, "noise"))
                 with accelerator.autocast():
                     loss = method.loss(TrainingBatch(
-                        latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch)
+                        latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch), input_noise
                     ))
             # Each process's loss is its share of the global batch's mean: their sum is that mean.
             batch_loss = sum_over_processes(loss.item() if loss is not None else 0.0, world, device)

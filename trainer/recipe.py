@@ -131,7 +131,24 @@ class TrainConfig:
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
+    # Multi-resolution (pyramid) noise: extra noise levels (0 = off; 6-10 is usual) and each level's weight factor.
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    # Input perturbation: the noised input gets this much extra noise the target does not (0 = off; 0.1 is usual).
+    ip_noise_gamma: float = 0.0
+    # [min, max): the timesteps drawn (kohya's min_timestep, max_timestep); null = the whole schedule.
+    timestep_range: Optional[list[int]] = None
+    # Rescale the training schedule so its last timestep is pure noise (alpha_bar 0); meant for v-prediction.
+    zero_terminal_snr: bool = False
+    # Per-pixel loss: "l2", "l1", "huber" or "smooth_l1" (kohya's pseudo-Huber forms, threshold huber_c).
+    loss: str = "l2"
+    # Huber threshold per timestep: "snr", "exponential" or "constant" (kohya's huber_schedule).
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
     min_snr_gamma: Optional[float] = None
+    # Weight each sample by 1/sqrt(SNR) (1/(SNR+1) for v-prediction), kohya's debiased estimation.
+    debiased_estimation: bool = False
     save_every_steps: int = 0
     keep_checkpoints: int = 3
     log_every_steps: int = 1
@@ -315,6 +332,7 @@ def _data_problems(cfg: DataConfig) -> list[str]:
 
 
 def _train_problems(cfg: TrainConfig) -> list[str]:
+    from trainer.diffusion import HUBER_SCHEDULES, LOSSES
     from trainer.optim import LR_SCHEDULERS, OPTIMIZERS
 
     at_least_one = "it must be at least 1."
@@ -335,6 +353,15 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         ("mixed_precision", cfg.mixed_precision in MIXED_PRECISIONS, one_of(cfg.mixed_precision, MIXED_PRECISIONS)),
         ("noise_offset", 0 <= cfg.noise_offset < math.inf, "it must be 0 (off) or more (0.05 to 0.1 is usual)."),
         ("min_snr_gamma", cfg.min_snr_gamma is None or 0 <= cfg.min_snr_gamma < math.inf, "use null or 0 (off), or a positive gamma (5 is usual)."),
+        ("multires_noise_iterations", cfg.multires_noise_iterations >= 0, "it must be 0 (off) or more (6 to 10 is usual)."),
+        ("multires_noise_discount", 0 < cfg.multires_noise_discount <= 1, "it must be in (0, 1] (0.3 is usual)."),
+        ("ip_noise_gamma", 0 <= cfg.ip_noise_gamma < math.inf, "it must be 0 (off) or more (0.1 is usual)."),
+        ("timestep_range", cfg.timestep_range is None or (len(cfg.timestep_range) == 2 and 0 <= cfg.timestep_range[0] < cfg.timestep_range[1]),
+         "use null (every timestep) or [min, max] with 0 <= min < max, e.g. [0, 1000]; max itself is never drawn."),
+        ("loss", cfg.loss in LOSSES, one_of(cfg.loss, LOSSES)),
+        ("huber_schedule", cfg.huber_schedule in HUBER_SCHEDULES, one_of(cfg.huber_schedule, HUBER_SCHEDULES)),
+        ("huber_c", 0 < cfg.huber_c <= 1, "it must be in (0, 1] (0.1 is usual)."),
+        ("huber_scale", 0 < cfg.huber_scale < math.inf, "it must be positive (1 is usual)."),
         ("save_every_steps", cfg.save_every_steps >= 0, "it must be 0 (a checkpoint at the end only) or a number of steps."),
         ("keep_checkpoints", cfg.keep_checkpoints >= 0, "it must be 0 (keep all) or more."),
         ("log_every_steps", cfg.log_every_steps >= 1, at_least_one),

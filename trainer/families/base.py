@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from trainer.diffusion import DDPMObjective
+from trainer.diffusion import DDPMObjective, ObjectiveSettings
 from trainer.models.conditioning import ImageGeometry, TextConditioning
 from trainer.models.text import TextEncoderSpec, encode
 
@@ -102,9 +102,9 @@ class ModelFamily:
         """Extra ``from_pretrained`` arguments for this family's pipeline folders."""
         return {}
 
-    def objective(self, noise_scheduler) -> DDPMObjective:
+    def objective(self, noise_scheduler, settings: ObjectiveSettings) -> DDPMObjective:
         """The training objective over the model's noise scheduler (a flow-matching family brings its own)."""
-        return DDPMObjective(noise_scheduler)
+        return DDPMObjective(noise_scheduler, settings)
 
     def guess_prediction_type(self, state_dict) -> str | None:
         """What a single file's weights suggest it predicts, when its metadata says nothing."""

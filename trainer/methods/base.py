@@ -22,10 +22,12 @@ from trainer.recipe import Recipe
 
 @dataclass
 class TrainingBatch:
-    """One micro-batch as the loop hands it to a method: latents with their noise and timesteps drawn,
-    the captions after the data's augmentation, each image's geometry, per-sample loss weights, and
-    what the weighted sum of the per-sample losses is divided by: the number of samples that count in
-    the whole batch, of which this process may train only a slice (docs/distributed.md)."""
+    """One micro-batch as the loop hands it to a method: latents with their noise and timesteps drawn
+    (``noise`` is the target's, ``input_noise`` what the latents are noised with: the same unless
+    train.ip_noise_gamma perturbs it), the captions after the data's augmentation, each image's
+    geometry, per-sample loss weights, and what the weighted sum of the per-sample losses is divided by:
+    the number of samples that count in the whole batch, of which this process may train only a slice
+    (docs/distributed.md)."""
 
     latents: torch.Tensor
     captions: list[str]
@@ -34,6 +36,7 @@ class TrainingBatch:
     noise: torch.Tensor
     timesteps: torch.Tensor
     loss_denominator: int
+    input_noise: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,10 +160,10 @@ class TrainingMethod:
         """The denoising loss of one batch: predict the noise (or velocity) of the noised latents; the
         weighted per-sample losses summed and divided by ``batch.loss_denominator``."""
         objective = self.model.objective
-        noisy = objective.add_noise(batch.latents, batch.noise, batch.timesteps)
+        noisy = objective.add_noise(batch.latents, batch.noise if batch.input_noise is None else batch.input_noise, batch.timesteps)
         prediction = self.model.predict(noisy, batch.timesteps, self.encode_text(batch.captions), batch.geometry)
         target = objective.target(batch.latents, batch.noise, batch.timesteps)
-        per_sample = objective.per_sample_loss(prediction, target, batch.timesteps, self.recipe.train.min_snr_gamma)
+        per_sample = objective.per_sample_loss(prediction, target, batch.timesteps)
         return (per_sample * batch.loss_weights.to(per_sample.device)).sum() / batch.loss_denominator
 
     def after_optimizer_step(self) -> None:

@@ -9,13 +9,13 @@ together (trainer/families). Methods use the calls here - ``encode_text``, ``pre
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from trainer.diffusion import DDPMObjective
+from trainer.diffusion import DDPMObjective, ObjectiveSettings
 from trainer.formats import kohya_lora
 from trainer.models.conditioning import ImageGeometry, TextConditioning
 from trainer.models.text import TextEncoderSpec
@@ -46,6 +46,8 @@ class BaseModel:
     name: str
     # Keep the VAE in fp32 under fp16/bf16 mixed precision (model.vae_fp32).
     vae_fp32: bool = False
+    # How training draws noise and forms the loss (the recipe's train.* loss and noise options).
+    objective_settings: ObjectiveSettings = field(default_factory=ObjectiveSettings)
 
     # --- parts ------------------------------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:
@@ -71,7 +73,7 @@ class BaseModel:
     @property
     def objective(self) -> DDPMObjective:
         """Noise, timesteps, targets and loss weighting of the family's training objective."""
-        return self.family.objective(self.noise_scheduler)
+        return self.family.objective(self.noise_scheduler, self.objective_settings)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -190,7 +190,7 @@ def train_unet_and_text_encoder(latents: torch.Tensor, captions: list[str], sett
         hidden = text_encoder(ids).last_hidden_state[which]
         noise, timesteps = diffusion.sample_noise(latents[batch], generator, 0.0, scheduler.config.num_train_timesteps)
         prediction = unet(scheduler.add_noise(latents[batch], noise, timesteps), timesteps, hidden).sample
-        loss = diffusion.per_sample_loss(prediction, noise, timesteps, scheduler, settings.min_snr_gamma).mean()
+        loss = diffusion.per_sample_loss(prediction, noise, timesteps, scheduler, diffusion.ObjectiveSettings(min_snr_gamma=settings.min_snr_gamma)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
