@@ -152,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     concept.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     concept.set_defaults(run=_eval_concept)
 
+    lora = commands.add_parser("lora", help="adapter tools: inspect, resize, extract, merge (docs/tools.md)")
+    from trainer.adapters.commands import add_lora_commands
+
+    add_lora_commands(lora, common)
+
     from trainer.bench import add_arguments
 
     bench = commands.add_parser("bench", parents=[common], help="steps/s and peak memory of LoRA training, one table")

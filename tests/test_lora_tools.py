@@ -1,0 +1,175 @@
+"""``sdtrain lora inspect|resize|extract|merge``: exact math, checked against float64 references and the
+UIs' own way of applying adapters (``ui_weight`` in tests/test_lycoris.py, written from AUTOMATIC1111
+and ComfyUI independently of trainer/formats/lycoris.py).
+
+Adapters are built here with random tensors on the built-in tiny models (SD1 ``tiny`` and ``tiny-sdxl``),
+so every module has a large change and alpha differs from the rank.
+
+SVD tolerances: a Householder-based SVD of an m x n matrix is backward stable, the computed factors
+being exact for a matrix within a rounding of each entry per reflection or rotation sweep applied to
+it; with min(m, n) reflections on each side and as many sweeps of the iterative phase, ``depth`` is
+3 * min(m, n) plus the few products around it (4: the factors' square roots, up @ down, alpha / rank,
+the comparison), and ``terms`` the longest vector a reflection spans, max(m, n) (tests/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tests.conftest import REPO
+from tests.test_lycoris import adapted_rounding, ui_updown, ui_weight
+from tests.tolerances import FP32, Rounding, assert_close_in_norm
+from trainer.adapters.files import save_adapter
+from trainer.adapters.lowrank import RankRule
+from trainer.adapters.resize import resize
+from trainer.cli import main
+from trainer.formats import lycoris as lycoris_format
+from trainer.formats.safetensors_file import read_metadata
+from trainer.methods.lycoris.config import LycorisConfig
+from trainer.methods.lycoris.method import PRESETS, add_adapters
+from trainer.models.conditioning import ImageGeometry
+from trainer.models.export import save_diffusers_folder
+from trainer.models.loading import load_base_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_base_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    return load_base_model("tiny-sdxl")
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def svd_rounding(shape, rank: int | None = None) -> Rounding:
+    """The rounding of an SVD cut (module docstring); ``rank``: the factored path's small core instead of the whole matrix."""
+    shape = (shape[0], math.prod(shape[1:]))
+    return Rounding(unit=FP32, terms=max(shape), depth=3 * (rank or min(shape)) + 4)
+
+
+def delta_of(module: dict, shape) -> torch.Tensor:
+    """The module's weight change in float64, rebuilt as the UIs rebuild it (base-independent algorithms)."""
+    return ui_updown({k: v.double() for k, v in module.items()}, torch.empty(shape, dtype=torch.float64))
+
+
+# --- adapters with random tensors ------------------------------------------------------------------
+
+
+def lycoris_tensors(model, seed: int, std: float = 0.05, **config) -> dict[str, torch.Tensor]:
+    """A LyCORIS file's tensors for ``model`` (every UNet layer and the text encoders' attention and MLP),
+    each trained tensor drawn from N(0, std^2), DoRA's magnitudes moved by about 10%."""
+    cfg = LycorisConfig(preset="full", text_encoder=True, **config)
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for component, part in {"unet": model.unet, **model.text_encoder_modules()}.items():
+        patterns = PRESETS["full"]["unet" if component == "unet" else "text_encoder"]
+        adapters = add_adapters(copy.deepcopy(part), lambda path, c=component: model.kohya_name(c, path), cfg, patterns)
+        for name, adapter in adapters.items():
+            with torch.no_grad():
+                for key, param in adapter.trained.items():
+                    noise = torch.randn(param.shape, generator=generator)
+                    param.copy_(param * (1 + 0.1 * noise) if key == "dora_scale" else std * noise)
+            modules[name] = adapter.file_tensors()
+    return lycoris_format.to_state_dict(modules, torch.float32)
+
+
+def lora_module(out: int, inner: tuple, rank: int, alpha: float, generator: torch.Generator) -> dict:
+    down = torch.randn(rank, *inner, generator=generator)
+    up = torch.randn(out, rank, *[1] * (len(inner) - 1), generator=generator) / math.sqrt(rank)
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": alpha}
+
+
+def with_spectrum(singular_values: list[float], out: int, inner: int, generator: torch.Generator) -> dict:
+    """A LoRA module (alpha = rank) whose change has exactly these singular values (orthonormal factors)."""
+    rank = len(singular_values)
+    u, _ = torch.linalg.qr(torch.randn(out, rank, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(inner, rank, generator=generator, dtype=torch.float64))
+    s = torch.tensor(singular_values, dtype=torch.float64)
+    return {"lora_down.weight": v.T.float().contiguous(), "lora_up.weight": (u * s).float(), "alpha": float(rank)}
+
+
+# --- resize ------------------------------------------------------------------------------------------
+
+
+def test_resize_is_the_best_approximation_and_full_rank_reproduces_the_change(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    modules = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": lora_module(24, (40,), rank=12, alpha=3.0, generator=generator),
+        "lora_unet_down_blocks_0_resnets_0_conv1": lora_module(16, (8, 3, 3), rank=6, alpha=6.0, generator=generator),
+    }
+    src = save_adapter(tmp_path / "in.safetensors", modules, {"ss_network_dim": "12", "ss_training_comment": "mine"}, torch.float32)
+    code, out, err = _run(capsys, "lora", "resize", src, tmp_path / "r4.safetensors", "--rank", 4, "--conv-rank", 3)
+    assert code == 0, err
+    assert "kept (Frobenius)" in out and "lora_unet_down_blocks_0_resnets_0_conv1" in out
+    resized = lycoris_format.split_modules(load_file(tmp_path / "r4.safetensors"))
+    for name, module in modules.items():
+        shape = (module["lora_up.weight"].shape[0], *module["lora_down.weight"].shape[1:])
+        delta = delta_of({**module, "alpha": torch.tensor(module["alpha"])}, shape)
+        s = torch.linalg.svdvals(delta.flatten(1))
+        rank = 3 if delta.dim() == 4 else 4
+        assert resized[name]["lora_down.weight"].shape[0] == rank
+        # alpha / rank is kept: the output is scaled as the input was.
+        assert resized[name]["alpha"].item() / rank == pytest.approx(module["alpha"] / module["lora_down.weight"].shape[0])
+        error = float((delta_of(resized[name], shape) - delta).norm())
+        tail = float(s[rank:].norm())
+        # Eckart–Young: no rank-r matrix comes closer than the dropped singular values' root-sum-square, and
+        # the SVD cut reaches it. Bound 1e-5 of ||dW|| (svd_rounding); cutting one more or one fewer value
+        # moves the error by s[r-1] or s[r], 10-20% of ||dW|| here.
+        assert abs(error - tail) <= svd_rounding(shape, module["lora_down.weight"].shape[0]).bound * float(delta.norm())
+    meta = read_metadata(tmp_path / "r4.safetensors")
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "1.0"  # 3 / 12 * 4
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "3", "conv_alpha": "3.0"}
+    assert meta["ss_training_comment"].startswith("resized by sdtrain from rank 6/12") and meta["ss_training_comment"].endswith("; mine")
+    # At the full rank the output applies what the input applies.
+    resize(src, tmp_path / "full.safetensors", RankRule(rank=12))
+    full = lycoris_format.split_modules(load_file(tmp_path / "full.safetensors"))
+    for name, module in modules.items():
+        shape = (module["lora_up.weight"].shape[0], *module["lora_down.weight"].shape[1:])
+        delta = delta_of({**module, "alpha": torch.tensor(module["alpha"])}, shape)
+        assert full[name]["lora_down.weight"].shape[0] == module["lora_down.weight"].shape[0]
+        assert_close_in_norm(delta_of(full[name], shape), delta, svd_rounding(shape, module["lora_down.weight"].shape[0]), what=name)
+
+
+# Singular values 8, 4, 2, 1, 0.5, 0.25 (sum 15.75, sum of squares 85.3125), and what each rule keeps by its definition:
+# sv-ratio 5: those >= 8 / 5 = 1.6: 8, 4, 2 -> 3 (kohya's resize_lora.py keeps one more, 4);
+# sv-fro 0.9: squares' shares 0.750, 0.938 >= 0.81 = 0.9^2 -> 2 (kohya: 3);
+# sv-cumulative 0.9: sums' shares 0.508, 0.762, 0.889, 0.952 >= 0.9 -> 4 (kohya: 5); with --rank 3 as a cap -> 3.
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        (RankRule(sv_ratio=5), 3),
+        (RankRule(sv_ratio=8.5), 4),
+        (RankRule(sv_fro=0.9), 2),
+        (RankRule(sv_cumulative=0.9), 4),
+        (RankRule(sv_cumulative=0.9, rank=3), 3),
+    ],
+)
+def test_dynamic_rules_pick_the_rank_their_definition_says(tmp_path, rule, expected):
+    generator = torch.Generator().manual_seed(1)
+    modules = {
+        "lora_unet_mid_block_attentions_0_proj_out": with_spectrum([8, 4, 2, 1, 0.5, 0.25], 10, 12, generator),
+        # Two equal values: every rule above keeps both (shares 0.5 and 1; the ratio 1).
+        "lora_unet_mid_block_attentions_0_proj_in": with_spectrum([1.0, 1.0], 10, 12, generator),
+    }
+    src = save_adapter(tmp_path / "in.safetensors", modules, {}, torch.float32)
+    report = resize(src, tmp_path / "out.safetensors", rule)
+    ranks = {m.name: m.new_rank for m in report.modules}
+    assert ranks == {"lora_unet_mid_block_attentions_0_proj_out": expected, "lora_unet_mid_block_attentions_0_proj_in": 2}
+    # One rank for all modules is kohya's number; different ones are "Dynamic".
+    assert read_metadata(tmp_path / "out.safetensors")["ss_network_dim"] == ("Dynamic" if expected != 2 else "2")
+    written = lycoris_format.split_modules(load_file(tmp_path / "out.safetensors"))
+    assert {name: m["lora_down.weight"].shape[0] for name, m in written.items()} == ranks
