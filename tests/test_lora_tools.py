@@ -63,7 +63,7 @@ def svd_rounding(shape, rank: int | None = None) -> Rounding:
 
 def delta_of(module: dict, shape) -> torch.Tensor:
     """The module's weight change in float64, rebuilt as the UIs rebuild it (base-independent algorithms)."""
-    return ui_updown({k: v.double() for k, v in module.items()}, torch.empty(shape, dtype=torch.float64))
+    return ui_updown({k: torch.as_tensor(v).double() for k, v in module.items()}, torch.empty(shape, dtype=torch.float64))
 
 
 # --- adapters with random tensors ------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_resize_is_the_best_approximation_and_full_rank_reproduces_the_change(tm
     resized = lycoris_format.split_modules(load_file(tmp_path / "r4.safetensors"))
     for name, module in modules.items():
         shape = (module["lora_up.weight"].shape[0], *module["lora_down.weight"].shape[1:])
-        delta = delta_of({**module, "alpha": torch.tensor(module["alpha"])}, shape)
+        delta = delta_of(module, shape)
         s = torch.linalg.svdvals(delta.flatten(1))
         rank = 3 if delta.dim() == 4 else 4
         assert resized[name]["lora_down.weight"].shape[0] == rank
@@ -139,7 +139,7 @@ def test_resize_is_the_best_approximation_and_full_rank_reproduces_the_change(tm
     full = lycoris_format.split_modules(load_file(tmp_path / "full.safetensors"))
     for name, module in modules.items():
         shape = (module["lora_up.weight"].shape[0], *module["lora_down.weight"].shape[1:])
-        delta = delta_of({**module, "alpha": torch.tensor(module["alpha"])}, shape)
+        delta = delta_of(module, shape)
         assert full[name]["lora_down.weight"].shape[0] == module["lora_down.weight"].shape[0]
         assert_close_in_norm(delta_of(full[name], shape), delta, svd_rounding(shape, module["lora_down.weight"].shape[0]), what=name)
 
@@ -173,3 +173,136 @@ def test_dynamic_rules_pick_the_rank_their_definition_says(tmp_path, rule, expec
     assert read_metadata(tmp_path / "out.safetensors")["ss_network_dim"] == ("Dynamic" if expected != 2 else "2")
     written = lycoris_format.split_modules(load_file(tmp_path / "out.safetensors"))
     assert {name: m["lora_down.weight"].shape[0] for name, m in written.items()} == ranks
+
+
+# --- merge into a model --------------------------------------------------------------------------------
+
+
+def ui_applied(model, files: list[tuple[dict, float]]):
+    """``model`` with the files applied as AUTOMATIC1111 and ComfyUI apply a stack of adapters: each in turn,
+    to the weights the previous ones left (tests/test_lycoris.py's ui_weight)."""
+    model = copy.deepcopy(model)
+    for tensors, ratio in files:
+        modules = lycoris_format.split_modules(tensors)
+        for component, part in {"unet": model.unet, **model.text_encoder_modules()}.items():
+            for path, layer in part.named_modules():
+                module = modules.get(model.kohya_name(component, path)) if isinstance(layer, (nn.Linear, nn.Conv2d)) else None
+                if module is None:
+                    continue
+                with torch.no_grad():
+                    weight, bias = ui_weight(module, layer.weight, layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0]), ratio)
+                    layer.weight.copy_(weight)
+                    if "diff_b" in module and layer.bias is None:
+                        layer.bias = nn.Parameter(bias)
+                    elif layer.bias is not None:
+                        layer.bias.copy_(bias)
+    return model
+
+
+def predictions(model) -> tuple[torch.Tensor, torch.Tensor]:
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        text = model.encode_text(["sls frog on a rock"])
+        return text.hidden_states, model.predict(latents, torch.tensor([300]), text, [ImageGeometry.square(64)])
+
+
+# Every algorithm on SD1; a stack with a negative ratio on SDXL (the two text encoders, SGM UNet names).
+# The factors' spread: LoHa and LoKr multiply two products of factors, so theirs is larger for a change of
+# a few percent of the weights.
+LOW_RANK, PRODUCT = 0.05, 0.3
+MERGE_CASES = {
+    "lora": ("tiny", [(dict(algo="locon", rank=4, alpha=2.0, conv_rank=0), LOW_RANK, 0.7)]),
+    "locon": ("tiny", [(dict(algo="locon", rank=4, alpha=2.0, conv_rank=3, conv_alpha=6.0, use_tucker=True), LOW_RANK, 1.0)]),
+    "loha": ("tiny", [(dict(algo="loha", rank=2, alpha=3.0), PRODUCT, 0.8)]),
+    "lokr": ("tiny", [(dict(algo="lokr", rank=2, alpha=4.0, factor=4, decompose_both=True), PRODUCT, 1.0)]),
+    "dora": ("tiny", [(dict(algo="dora", rank=3, alpha=1.5, conv_rank=2, conv_alpha=5.0), LOW_RANK, 0.6)]),
+    "sdxl_lora_minus_loha": ("tiny-sdxl", [(dict(algo="locon", rank=4, alpha=2.0), LOW_RANK, 1.0), (dict(algo="loha", rank=2, alpha=3.0), PRODUCT, -0.5)]),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_merge_into_model_equals_the_uis_runtime_application(case, tmp_path, capsys, request):
+    base_name, specs = MERGE_CASES[case]
+    base = request.getfixturevalue("tiny" if base_name == "tiny" else "tiny_sdxl")
+    files, paths = [], []
+    for index, (config, std, ratio) in enumerate(specs):
+        tensors = lycoris_tensors(base, seed=index, std=std, **config)
+        paths.append(tmp_path / f"adapter{index}.safetensors")
+        save_file(tensors, paths[-1])
+        files.append((tensors, ratio))
+    ratios = ["--ratios", *[str(ratio) for *_, ratio in specs]]
+    code, out, err = _run(capsys, "lora", "merge", *paths, *ratios, "--base", base_name, "--out", tmp_path / "merged", "--dtype", "fp32")
+    assert code == 0, err
+    merged = load_base_model(str(tmp_path / "merged"))
+    expected, unchanged = predictions(ui_applied(base, files)), predictions(base)
+    for actual, wanted, before, network, what in zip(predictions(merged), expected, unchanged, (merged.text_encoders[-1].model, merged.unet), ("text states", "UNet prediction")):
+        # Both models hold W0 + ratio * dW computed two ways in float32 and then run the same forward pass:
+        # the bound of merged-against-adapter models (tests/test_lycoris.py, adapted_rounding), 1e-5 to 1e-4.
+        # Leaving an adapter out, or applying it at another ratio, moves the outputs by 1% or more of their norm.
+        assert_close_in_norm(actual, wanted, adapted_rounding(network), what=what)
+        assert float((wanted - before).norm()) > 0.01 * float(wanted.norm())
+
+
+def test_merge_into_a_single_file_loads_as_that_model(tiny, tmp_path, capsys):
+    tensors = lycoris_tensors(tiny, seed=5, algo="locon", rank=2, alpha=1.0)
+    save_file(tensors, tmp_path / "a.safetensors")
+    save_diffusers_folder(tiny, tmp_path / "tiny")
+    code, out, err = _run(capsys, "lora", "merge", tmp_path / "a.safetensors", "--base", tmp_path / "tiny", "--out", tmp_path / "m.safetensors", "--dtype", "fp32")
+    assert code == 0, err
+    single = load_base_model(str(tmp_path / "m.safetensors"), config=str(tmp_path / "tiny"))
+    reference = ui_applied(tiny, [(tensors, 1.0)])
+    for actual, wanted, network in zip(predictions(single), predictions(reference), (single.text_encoders[0].model, single.unet)):
+        assert_close_in_norm(actual, wanted, adapted_rounding(network))
+    merged_from = json.loads(read_metadata(tmp_path / "m.safetensors")["sdtrain_merged_adapters"])
+    assert merged_from == [{"file": "a.safetensors", "ratio": 1.0, "sshs_model_hash": ""}]
+
+
+# --- several adapters into one ----------------------------------------------------------------------------
+
+
+def test_merge_adapters_svd_is_the_exact_sum_at_full_rank_and_concat_is_exact(tmp_path, capsys):
+    generator = torch.Generator().manual_seed(3)
+    linear, conv = "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_0_resnets_0_conv1"
+    a = {linear: lora_module(12, (10,), 3, 1.5, generator), conv: lora_module(8, (6, 3, 3), 2, 4.0, generator)}
+    b = {linear: lora_module(12, (10,), 4, 4.0, generator), conv: lora_module(8, (6, 3, 3), 3, 1.0, generator)}
+    hada = {"hada_w1_a": torch.randn(12, 2, generator=generator), "hada_w1_b": torch.randn(2, 10, generator=generator),
+            "hada_w2_a": torch.randn(12, 2, generator=generator), "hada_w2_b": torch.randn(2, 10, generator=generator), "alpha": 1.0}
+    c = {linear: hada}  # a LoHa on one of the layers, nothing on the other
+    paths = [save_adapter(tmp_path / f"{n}.safetensors", m, {"ss_base_model_version": "sd_v1"}, torch.float32) for n, m in (("a", a), ("b", b), ("c", c))]
+    shapes = {linear: (12, 10), conv: (8, 6, 3, 3)}
+
+    def true_sum(name: str, parts) -> torch.Tensor:
+        return sum(ratio * delta_of(m[name], shapes[name]) for m, ratio in parts if name in m)
+
+    code, out, err = _run(capsys, "lora", "merge", *paths, "--ratios", "1", "-0.5", "0.25", "--rank", "64", "--out", tmp_path / "svd.safetensors")
+    assert code == 0, err
+    merged = lycoris_format.split_modules(load_file(tmp_path / "svd.safetensors"))
+    # The rank is capped at what the sum can have: min(out, in * k) with the LoHa in it (linear: 10), the
+    # sum of the ranks for LoRAs alone (conv: 2 + 3).
+    for name, rank in ((linear, 10), (conv, 5)):
+        expected = true_sum(name, [(a, 1.0), (b, -0.5), (c, 0.25)])
+        assert merged[name]["lora_down.weight"].shape[0] == rank
+        assert_close_in_norm(delta_of(merged[name], shapes[name]), expected, svd_rounding(shapes[name]), what=name)
+    assert read_metadata(tmp_path / "svd.safetensors")["ss_base_model_version"] == "sd_v1"
+    # At a lower rank: the best approximation of the sum (Eckart–Young), as for resize.
+    code, out, err = _run(capsys, "lora", "merge", *paths[:2], "--ratios", "1", "-0.5", "--rank", "2", "--out", tmp_path / "svd2.safetensors")
+    assert code == 0, err
+    low = lycoris_format.split_modules(load_file(tmp_path / "svd2.safetensors"))
+    for name, shape in shapes.items():
+        expected = true_sum(name, [(a, 1.0), (b, -0.5)])
+        tail = float(torch.linalg.svdvals(expected.flatten(1))[2:].norm())
+        assert abs(float((delta_of(low[name], shape) - expected).norm()) - tail) <= svd_rounding(shape).bound * float(expected.norm())
+    # Concatenation: ranks add up, and the change is the sum (one rounding each: the ratio folded into up).
+    code, out, err = _run(capsys, "lora", "merge", *paths[:2], "--ratios", "1", "-0.5", "--mode", "concat", "--out", tmp_path / "cat.safetensors")
+    assert code == 0, err
+    cat = lycoris_format.split_modules(load_file(tmp_path / "cat.safetensors"))
+    for name, shape in shapes.items():
+        assert cat[name]["lora_down.weight"].shape[0] == a[name]["lora_down.weight"].shape[0] + b[name]["lora_down.weight"].shape[0]
+        expected = true_sum(name, [(a, 1.0), (b, -0.5)])
+        # up @ down sums 7 products after one rounding of each factor: 3 roundings deep, 7 terms.
+        assert_close_in_norm(delta_of(cat[name], shape), expected, Rounding(FP32, terms=7, depth=3), scale=float(sum(delta_of(m[name], shape).norm() for m in (a, b))), what=name)
+    meta = read_metadata(tmp_path / "cat.safetensors")
+    # One linear module of rank 3 + 4 and one convolution of rank 2 + 3: kohya's dim and conv_dim, alpha = rank.
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("7", "7.0", "networks.lora")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "5", "conv_alpha": "5.0"}
+    assert meta["sshs_model_hash"]
