@@ -306,3 +306,178 @@ def test_merge_adapters_svd_is_the_exact_sum_at_full_rank_and_concat_is_exact(tm
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("7", "7.0", "networks.lora")
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "5", "conv_alpha": "5.0"}
     assert meta["sshs_model_hash"]
+
+
+# --- extract -------------------------------------------------------------------------------------------
+
+
+def _first(part: nn.Module, suffix: str) -> str:
+    return next(path for path, _ in part.named_modules() if path.endswith(suffix))
+
+
+@pytest.mark.parametrize("base_name", ["tiny", "tiny-sdxl"])
+def test_extract_recovers_a_planted_low_rank_change_and_skips_unchanged_text_encoders(base_name, tmp_path, capsys, request):
+    base = request.getfixturevalue("tiny" if base_name == "tiny" else "tiny_sdxl")
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(4)
+    # (component, path, rank): two transformer layers at rank 3, a 3x3 ResNet convolution at rank 2, and on
+    # SDXL one layer of the second text encoder (the first stays as it was).
+    planted = [("unet", _first(base.unet, "attn1.to_q"), 3), ("unet", _first(base.unet, "ff.net.2"), 3), ("unet", _first(base.unet, "resnets.0.conv1"), 2)]
+    if base_name == "tiny-sdxl":
+        planted.append(("text_encoder_2", _first(base.text_encoders[1].model, "layers.1.mlp.fc1"), 3))
+    changes = {}
+    for component, path, rank in planted:
+        layer = tuned.parts()[component].get_submodule(path)
+        shape = layer.weight.shape
+        change = torch.randn(shape[0], rank, generator=generator) @ torch.randn(rank, math.prod(shape[1:]), generator=generator)
+        change = (0.1 * layer.weight.norm() / change.norm() * change).reshape(shape)
+        with torch.no_grad():
+            layer.weight += change
+        changes[base.kohya_name(component, path)] = (change, layer.weight.detach().clone(), base.parts()[component].get_submodule(path).weight)
+    save_diffusers_folder(tuned, tmp_path / "tuned")
+    code, out, err = _run(capsys, "lora", "extract", tmp_path / "tuned", base_name, tmp_path / "x.safetensors", "--rank", 3, "--conv-rank", 2, "--dtype", "fp32")
+    assert code == 0, err
+    modules = lycoris_format.split_modules(load_file(tmp_path / "x.safetensors"))
+    # Only what changed: the unchanged layers and text encoders are left out.
+    assert set(modules) == set(changes)
+    assert "text_encoder: unchanged" in out
+    for name, (change, tuned_weight, base_weight) in changes.items():
+        extracted = delta_of(modules[name], change.shape)
+        # The tuned weight holds W0 + P rounded (relative FP32 per entry), so the layer's true change differs
+        # from P by at most FP32 * ||W0 + P||; the rank-r cut lies as close to it again (Eckart–Young) plus the
+        # SVD's rounding of the whole matrix (svd_rounding), relative to ||W0|| + ||P||. Bound about 1e-4 of
+        # that; a rank too low or a component lost moves the result by a third of ||P||, 3% of it.
+        scale = float(base_weight.norm() + change.norm())
+        assert_close_in_norm(extracted, change, svd_rounding(change.shape), scale=scale, what=name)
+        assert modules[name]["lora_down.weight"].shape[0] == (2 if change.dim() == 4 and change.shape[2:] != (1, 1) else 3)
+    meta = read_metadata(tmp_path / "x.safetensors")
+    architecture = "stable-diffusion-v1/lora" if base_name == "tiny" else "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.architecture"] == architecture and meta["ss_network_dim"] == "3"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+    # inspect reads it as an adapter of that family, with a hash that matches its tensors.
+    code, out, err = _run(capsys, "lora", "inspect", "--json", tmp_path / "x.safetensors")
+    report = json.loads(out)
+    assert report["family"] == ("SD1" if base_name == "tiny" else "SDXL") and report["hash_check"] == "matches"
+
+
+def test_extract_clamping_reports_the_error_it_adds(tiny, tmp_path, capsys):
+    tuned = copy.deepcopy(tiny)
+    path = _first(tiny.unet, "attn2.to_k")
+    with torch.no_grad():
+        layer = tuned.unet.get_submodule(path)
+        layer.weight += 0.05 * torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(6))
+    save_diffusers_folder(tuned, tmp_path / "tuned")
+    code, out, err = _run(capsys, "lora", "extract", tmp_path / "tuned", "tiny", tmp_path / "x.safetensors", "--rank", 4, "--clamp-quantile", 0.9)
+    assert code == 0, err
+    assert "Clamping at the 0.9 quantile added an error of" in out
+    module = lycoris_format.split_modules(load_file(tmp_path / "x.safetensors"))[tiny.kohya_name("unet", path)]
+    # Clamped: at least a tenth of the factors' entries sit at the same largest magnitude.
+    entries = torch.cat([module["lora_up.weight"].flatten(), module["lora_down.weight"].flatten()]).abs().float()
+    assert (entries == entries.max()).float().mean() >= 0.1 - 1 / len(entries)
+
+
+# --- inspect ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_reports_format_family_ranks_metadata_hash_and_problems(tiny, tiny_sdxl, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(7)
+    modules = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": lora_module(32, (32,), 4, 2.0, generator),
+        "lora_unet_down_blocks_0_resnets_0_conv1": lora_module(32, (32, 3, 3), 2, 1.0, generator),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": lora_module(64, (64,), 4, 2.0, generator),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": lora_module(256, (64,), 4, 2.0, generator),
+    }
+    modules["lora_te_text_model_encoder_layers_0_mlp_fc1"]["lora_up.weight"].zero_()
+    metadata = {"ss_base_model_version": "sd_v1", "ss_network_dim": "4", "ss_tag_frequency": json.dumps({"10_sls frog": {"sls frog": 12, "crown": 3, "pond": 7}})}
+    path = save_adapter(tmp_path / "a.safetensors", modules, metadata, torch.float16)
+    code, out, err = _run(capsys, "lora", "inspect", "--json", path)
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["format"], report["family"], report["dtypes"]) == ("LoCon", "SD1", ["float16"])
+    assert report["parts"]["UNet"] == {"modules": 2, "ranks": {"2": 1, "4": 1}, "alphas": [1.0, 2.0]}
+    assert report["parts"]["TE"]["modules"] == 2
+    assert report["trigger_words"][:3] == ["sls frog", "pond", "crown"]
+    assert report["hash_check"] == "matches"
+    assert any("all-zero lora_up" in p and "mlp_fc1" in p for p in report["problems"])
+    assert not any("NaN" in p for p in report["problems"])
+    # A NaN, and tensors changed after the hash was written (the stored hash kept).
+    tensors = load_file(path)
+    tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"][0, 0, 0, 0] = float("nan")
+    save_file(tensors, tmp_path / "b.safetensors", metadata=read_metadata(path))
+    code, out, err = _run(capsys, "lora", "inspect", tmp_path / "b.safetensors")
+    assert code == 0, err
+    assert "NaN or Inf" in out and "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in out
+    assert "sshs_model_hash: differs" in out
+    # SDXL: told by its two text encoders' names, parts TE1 and TE2; a LoHa is a LoHa.
+    save_file(lycoris_tensors(tiny_sdxl, seed=8, algo="loha", rank=2, alpha=1.0), tmp_path / "xl.safetensors")
+    report = json.loads(_run(capsys, "lora", "inspect", "--json", tmp_path / "xl.safetensors")[1])
+    assert (report["format"], report["family"], report["hash_check"]) == ("LoHa", "SDXL", "not stored")
+    assert set(report["parts"]) == {"UNet", "TE1", "TE2"}
+    assert any(note.startswith("diffusers:") for note in report["ui_notes"])
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+
+def _lora_file(path, generator_seed: int = 0, **extra_modules):
+    generator = torch.Generator().manual_seed(generator_seed)
+    return save_adapter(path, {"lora_unet_mid_block_attentions_0_proj_in": lora_module(8, (8,), 2, 1.0, generator), **extra_modules}, {}, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "setup, argv, expected",
+    [
+        ("none", ["inspect", "{tmp}/missing.safetensors"], "'{tmp}/missing.safetensors' does not exist"),
+        ("pickle", ["inspect", "{tmp}/lora.pt"], "not a .safetensors file"),
+        ("peft", ["resize", "{tmp}/peft.safetensors", "{tmp}/out.safetensors", "--rank", "1"], "diffusers/peft layout"),
+        ("model", ["inspect", "{tmp}/model.safetensors"], "a whole model checkpoint"),
+        ("broken", ["inspect", "{tmp}/broken.safetensors"], "cannot be read as a safetensors file"),
+        ("lora", ["resize", "{tmp}/a.safetensors", "{tmp}/a.safetensors", "--rank", "1"], "add --overwrite"),
+        ("lora", ["resize", "{tmp}/a.safetensors", "{tmp}/out.safetensors"], "needs the rank to keep"),
+        ("lora", ["merge", "{tmp}/a.safetensors", "--out", "{tmp}/a.safetensors", "--rank", "1"], "add --overwrite"),
+        ("lora", ["merge", "{tmp}/a.safetensors", "--out", "{tmp}/out.safetensors"], "needs the rank to keep"),
+        ("lora", ["merge", "{tmp}/a.safetensors", "--ratios", "1", "2", "--out", "{tmp}/o.safetensors", "--rank", "1"], "2 values for 1 adapters"),
+        ("loha", ["merge", "{tmp}/loha.safetensors", "--mode", "concat", "--out", "{tmp}/o.safetensors"], "Use --mode svd"),
+        ("loha", ["resize", "{tmp}/loha.safetensors", "{tmp}/o.safetensors", "--rank", "1"], "no LoRA/LoCon/DoRA"),
+        ("dora", ["merge", "{tmp}/dora.safetensors", "--out", "{tmp}/o.safetensors", "--rank", "1"], "Merge it into a model instead"),
+        ("families", ["merge", "{tmp}/a.safetensors", "{tmp}/xl.safetensors", "--out", "{tmp}/o.safetensors", "--rank", "1"], "different model families"),
+        ("families", ["merge", "{tmp}/xl.safetensors", "--base", "tiny", "--out", "{tmp}/m"], "looks made for SDXL"),
+        ("lora", ["extract", "{tmp}/nowhere", "tiny", "{tmp}/x.safetensors", "--rank", "2"], "Tuned model '{tmp}/nowhere' does not exist"),
+        ("lora", ["extract", "tiny", "tiny", "{tmp}/x.safetensors", "--rank", "2"], "nothing to extract"),
+    ],
+)
+def test_bad_input_is_one_clear_paragraph_exit_2(setup, argv, expected, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(9)
+    if setup == "pickle":
+        torch.save({"x": torch.zeros(1)}, tmp_path / "lora.pt")
+    if setup == "peft":
+        save_file({"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 8)}, tmp_path / "peft.safetensors")
+    if setup == "model":
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    if setup == "broken":
+        (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    if setup in ("lora", "families"):
+        _lora_file(tmp_path / "a.safetensors")
+    if setup == "families":
+        save_adapter(tmp_path / "xl.safetensors", {"lora_te2_text_model_encoder_layers_0_mlp_fc1": lora_module(8, (8,), 2, 1.0, generator)}, {}, torch.float32)
+    if setup == "loha":
+        hada = {"hada_w1_a": torch.ones(4, 2), "hada_w1_b": torch.ones(2, 4), "hada_w2_a": torch.ones(4, 2), "hada_w2_b": torch.ones(2, 4), "alpha": 1.0}
+        save_adapter(tmp_path / "loha.safetensors", {"lora_unet_mid_block_attentions_0_proj_in": hada}, {}, torch.float32)
+    if setup == "dora":
+        dora = {**lora_module(8, (8,), 2, 1.0, generator), "dora_scale": torch.ones(1, 8)}
+        save_adapter(tmp_path / "dora.safetensors", {"lora_unet_mid_block_attentions_0_proj_in": dora}, {}, torch.float32)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    code, out, err = _run(capsys, "lora", *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code == 2
+    assert expected.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1  # one paragraph
+    # Nothing was written or replaced.
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_overwrite_replaces_an_existing_output(tmp_path, capsys):
+    src = _lora_file(tmp_path / "a.safetensors")
+    _lora_file(tmp_path / "out.safetensors", generator_seed=1)
+    code, out, err = _run(capsys, "lora", "resize", src, tmp_path / "out.safetensors", "--rank", "1", "--overwrite")
+    assert code == 0, err
+    assert load_file(tmp_path / "out.safetensors")["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].shape[0] == 1
