@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tests.conftest import REPO
 from tests.test_lycoris import adapted_rounding, ui_updown, ui_weight
 from tests.tolerances import FP32, Rounding, assert_close_in_norm
 from trainer.adapters.files import save_adapter
@@ -414,6 +413,12 @@ def test_inspect_reports_format_family_ranks_metadata_hash_and_problems(tiny, ti
     assert (report["format"], report["family"], report["hash_check"]) == ("LoHa", "SDXL", "not stored")
     assert set(report["parts"]) == {"UNet", "TE1", "TE2"}
     assert any(note.startswith("diffusers:") for note in report["ui_notes"])
+    # diffusers' own layout (peft names under the pipeline's parts) is told apart and read too.
+    peft = {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.ones(2, 8), "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 2)}
+    save_file(peft, tmp_path / "peft.safetensors")
+    report = json.loads(_run(capsys, "lora", "inspect", "--json", tmp_path / "peft.safetensors")[1])
+    assert report["format"] == "LoRA (diffusers/peft layout)" and report["parts"]["UNet"]["ranks"] == {"2": 1}
+    assert any("all-zero lora_B" in p for p in report["problems"])
 
 
 # --- bad input -----------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.adapters]
     if args.base:
-        report = merge_into_model(paths, args.base, [Path(o) for o in args.out], args.ratios, dtype=args.dtype or "fp16", overwrite=args.overwrite)
+        report = merge_into_model(paths, args.base, [Path(o) for o in args.out], args.ratios, dtype=args.dtype, overwrite=args.overwrite)
     else:
         if len(args.out) != 1 or Path(args.out[0]).suffix.lower() != ".safetensors":
             raise UserError("Merging adapters into one writes one .safetensors file: give one --out FILE.safetensors (or --base MODEL to merge them into a model).")
@@ -137,5 +137,5 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     merge.add_argument("--out", action="append", required=True, help="output: .safetensors file, or (with --base) a folder; with --base it may be given twice")
     merge.add_argument("--mode", choices=["svd", "concat"], default="svd", help="without --base: svd (sum, then best rank --rank) or concat (exact, rank = sum of ranks)")
     _add_rank_rule(merge, "with --mode svd: the rank of the merged LoRA (with a dynamic rule: its cap)")
-    merge.add_argument("--dtype", choices=list(DTYPES), help="weights' precision (default: the first adapter's; fp16 for a model)")
+    merge.add_argument("--dtype", choices=list(DTYPES), help="weights' precision (default: the first adapter's; for a model fp16 in a single file, float32 in a folder)")
     merge.set_defaults(run=_merge)

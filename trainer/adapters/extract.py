@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.adapters.files import check_output, network_dims, save_adapter
-from trainer.adapters.lowrank import RankRule, Truncation, truncate_dense
+from trainer.adapters.lowrank import RankRule, Truncation, has_kernel, truncate_dense
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now, modelspec
 
@@ -102,8 +102,7 @@ def extract(
             if not delta.any():
                 unchanged += 1
                 continue
-            kernel = delta.dim() == 4 and tuple(delta.shape[2:]) != (1, 1)
-            cut = truncate_dense(delta, RankRule(rank=conv_rank if kernel else rank))
+            cut = truncate_dense(delta, RankRule(rank=conv_rank if has_kernel(delta.shape) else rank))
             total = float(delta.double().norm())
             kept.append(cut.kept_fro_share)
             if clamp_quantile is not None:

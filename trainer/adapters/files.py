@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from trainer.adapters.lowrank import has_kernel, weight_shape
 from trainer.errors import UserError
 from trainer.formats import lycoris
 from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
@@ -51,9 +52,14 @@ def check_exists(path: Path, role: str) -> Path:
     return path
 
 
+def is_peft_layout(keys) -> bool:
+    """diffusers' own LoRA files: peft names under the pipeline's parts (``unet.….lora_A.weight``)."""
+    return any(".lora_A." in key or ".lora_B." in key or ".lora.down." in key for key in keys)
+
+
 def _layout_of_foreign(keys: list[str]) -> str | None:
     """What a file without kohya module names is instead, for the message that refuses it."""
-    if any(".lora_A." in key or ".lora_B." in key or ".lora.down." in key for key in keys):
+    if is_peft_layout(keys):
         return "a LoRA in the diffusers/peft layout (unet.…lora_A.weight); sdtrain's tools read kohya-named files (lora_unet_…)"
     if any(key.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.", "cond_stage_model.")) for key in keys):
         return "a whole model checkpoint, not an adapter"
@@ -62,8 +68,8 @@ def _layout_of_foreign(keys: list[str]) -> str | None:
     return None
 
 
-def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:
-    """An adapter file with kohya module names, or a UserError that says what the file is instead."""
+def read_tensors(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and header metadata, or a UserError that names the file and the fix."""
     path = check_exists(path, role)
     if path.is_dir():
         raise UserError(f"{role} '{path}' is a folder; give the adapter's .safetensors file.")
@@ -73,15 +79,20 @@ def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:
             "that can run code when loaded); convert it with the tool that made it, or use its .safetensors version."
         )
     try:
-        tensors, metadata = load_file(path), read_metadata(path)
+        return load_file(path), read_metadata(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{role} '{path}' cannot be read as a safetensors file ({err}). The file may be truncated; download or copy it again.") from None
+
+
+def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:
+    """An adapter file with kohya module names, or a UserError that says what the file is instead."""
+    tensors, metadata = read_tensors(path, role)
     names = list(lycoris.split_modules(tensors))
     if not names or not any(part_of(name) for name in names):
         foreign = _layout_of_foreign(list(tensors))
         what = foreign or "no adapter: none of its tensors has a kohya module name (lora_unet_…, lora_te_…)"
         raise UserError(f"{role} '{path}' is {what}. Give a LoRA or LyCORIS file in kohya's format, as sdtrain and kohya's sd-scripts write them.")
-    return AdapterFile(path, tensors, metadata)
+    return AdapterFile(Path(path), tensors, metadata)
 
 
 def check_output(path: Path, overwrite: bool) -> Path:
@@ -122,16 +133,11 @@ def floating_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
 
 
-def _has_kernel(module: Module) -> bool:
-    down = module.get("lora_down.weight")
-    return down is not None and down.dim() == 4 and down.shape[2:] != (1, 1)
-
-
 def network_dims(modules: Mapping[str, Module]) -> dict[str, str]:
     """``ss_network_dim``/``ss_network_alpha`` (and conv_dim/conv_alpha in ``ss_network_args``) of LoRA modules:
     kohya's numbers when all linear (and all 3x3 conv) modules share a rank and alpha, else "Dynamic"."""
-    linear = {(m["lora_down.weight"].shape[0], float(m["alpha"])) for m in modules.values() if not _has_kernel(m)}
-    conv = {(m["lora_down.weight"].shape[0], float(m["alpha"])) for m in modules.values() if _has_kernel(m)}
+    linear = {(m["lora_down.weight"].shape[0], float(m["alpha"])) for m in modules.values() if not has_kernel(weight_shape(m))}
+    conv = {(m["lora_down.weight"].shape[0], float(m["alpha"])) for m in modules.values() if has_kernel(weight_shape(m))}
     if len(linear) > 1 or len(conv) > 1:
         return {"ss_network_dim": "Dynamic", "ss_network_alpha": "Dynamic", "ss_network_args": "{}"}
     (dim, alpha), = linear or conv

@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trainer.adapters.files import Module, guess_family, part_of, read_adapter
+from trainer.adapters.files import Module, guess_family, is_peft_layout, part_of, read_adapter, read_tensors
+from trainer.adapters.lowrank import has_kernel, weight_shape
 from trainer.formats import lycoris
 from trainer.formats.safetensors_file import data_section
 
@@ -29,7 +30,7 @@ def module_kind(module: Module) -> str:
     if algo is None:
         return "unknown"
     kind = ALGO_NAMES[algo]
-    if algo == lycoris.LOCON and ("lora_mid.weight" in module or (module["lora_down.weight"].dim() == 4 and tuple(module["lora_down.weight"].shape[2:]) != (1, 1))):
+    if algo == lycoris.LOCON and has_kernel(weight_shape(module)):
         kind = "LoCon"
     return f"{kind} + DoRA" if "dora_scale" in module else kind
 
@@ -124,7 +125,36 @@ def _problems(modules: dict[str, Module]) -> list[str]:
     return problems
 
 
+# The parts of a diffusers/peft file, by the pipeline component its keys start with.
+PEFT_PARTS = {"unet": "UNet", "text_encoder": "TE", "text_encoder_2": "TE2"}
+
+
+def _inspect_peft(path: Path, tensors: dict, metadata: dict[str, str]) -> Inspection:
+    """A diffusers/peft LoRA: ranks from ``lora_A`` per part (alphas live in the adapter's config, not the file)."""
+    ranks: dict[str, Counter] = {}
+    for key, tensor in tensors.items():
+        if ".lora_A." in key:
+            part = PEFT_PARTS.get(key.split(".")[0], "other")
+            ranks.setdefault(part, Counter())[str(tensor.shape[0])] += 1
+    if "TE2" in ranks:
+        ranks["TE1"] = ranks.pop("TE", Counter())
+    zero_b = [key for key, tensor in tensors.items() if ".lora_B." in key and not tensor.any()]
+    bad = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    problems = [f"{len(zero_b)} modules have an all-zero lora_B and change nothing (untrained?), e.g. '{zero_b[0]}'"] if zero_b else []
+    problems += [f"{len(bad)} tensors hold NaN or Inf, e.g. '{bad[0]}'"] if bad else []
+    return Inspection(
+        file=str(path), format="LoRA (diffusers/peft layout)", family="SDXL" if "TE2" in ranks else guess_family({}, metadata),
+        parts={part: PartSummary(sum(c.values()), dict(c), []) for part, c in ranks.items()},
+        dtypes=sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}), metadata={k: v for k, v in metadata.items() if k.startswith("modelspec.")},
+        trigger_words=_trigger_words(metadata), hash_check=_hash_check(Path(path), metadata), problems=problems,
+        ui_notes=["AUTOMATIC1111 and ComfyUI load kohya-named files; this layout is diffusers' load_lora_weights."],
+    )
+
+
 def inspect_adapter(path: Path) -> Inspection:
+    tensors, metadata = read_tensors(path, "Adapter")
+    if is_peft_layout(tensors):
+        return _inspect_peft(path, tensors, metadata)
     adapter = read_adapter(path, "Adapter")
     modules = adapter.modules
     parts: dict[str, list[Module]] = {}

@@ -109,6 +109,11 @@ def truncate_dense(delta: torch.Tensor, rule: RankRule) -> Truncation:
     return truncate(u, s, vh, delta.shape, rule)
 
 
+def has_kernel(shape) -> bool:
+    """A convolution with a spatial kernel (3x3), which kohya gives its own rank (conv_dim)."""
+    return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+
+
 def is_factored_lora(module: Mapping[str, torch.Tensor]) -> bool:
     """A LoRA/LoCon module without a Tucker core: its change is up @ down, the form resize and concat need."""
     return lycoris.algo_of(module) == lycoris.LOCON and "lora_mid.weight" not in module

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.adapters.extract import load_model
 from trainer.adapters.files import AdapterFile, Module, check_output, floating_dtype, guess_family, network_dims, read_adapter, save_adapter
-from trainer.adapters.lowrank import RankRule, dense_delta, depends_on_base, factors, is_factored_lora, product_svd, truncate, weight_shape
+from trainer.adapters.lowrank import RankRule, dense_delta, depends_on_base, factors, has_kernel, is_factored_lora, product_svd, truncate, weight_shape
 from trainer.adapters.resize import describe_rule
 from trainer.errors import UserError
 from trainer.formats import lycoris
@@ -113,12 +114,12 @@ def merge_adapters(
     by_name = _modules_by_name(inputs)
     merged, lines = {}, []
     if mode == CONCAT:
-        other = [(w, name) for name, terms in by_name.items() for w, m in terms if not is_factored_lora(m)]
+        other = [(w, name, m) for name, terms in by_name.items() for w, m in terms if not is_factored_lora(m)]
         if other:
-            weighted, name = other[0]
+            weighted, name, module = other[0]
+            kind = "a LoCon with a Tucker core" if lycoris.algo_of(module) == lycoris.LOCON else lycoris.algo_of(module)
             raise UserError(
-                f"--mode concat joins LoRA/LoCon factors along the rank; module '{name}' of '{weighted.adapter.path}' is "
-                f"{lycoris.algo_of(weighted.adapter.modules[name])}{' with a Tucker core' if lycoris.algo_of(weighted.adapter.modules[name]) == lycoris.LOCON else ''}. "
+                f"--mode concat joins LoRA/LoCon factors along the rank; module '{name}' of '{weighted.adapter.path}' is {kind}. "
                 "Use --mode svd (the default) with --rank."
             )
         merged = {name: _concat(terms) for name, terms in by_name.items()}
@@ -129,8 +130,7 @@ def merge_adapters(
         conv_rule = rule if conv_rank is None else dataclasses.replace(rule, rank=conv_rank)
         shares = []
         for name, terms in by_name.items():
-            shape = weight_shape(terms[0][1])
-            cut = _sum_svd(terms, conv_rule if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else rule)
+            cut = _sum_svd(terms, conv_rule if has_kernel(weight_shape(terms[0][1])) else rule)
             merged[name] = cut.module()
             shares.append(cut.kept_fro_share)
         how = f"summed, then cut by SVD ({describe_rule(rule, conv_rank)}); kept share of each module's sum: mean {100 * sum(shares) / len(shares):.2f}%, lowest {100 * min(shares):.2f}%"
@@ -165,10 +165,10 @@ def check_model_outputs(outs: list[Path], overwrite: bool) -> None:
 
 
 def merge_into_model(
-    paths: list[Path], base: str, outs: list[Path], ratios: list[float] | None = None, *, dtype: str = "fp16", overwrite: bool = False
+    paths: list[Path], base: str, outs: list[Path], ratios: list[float] | None = None, *, dtype: str | None = None, overwrite: bool = False
 ) -> MergeReport:
-    """Apply the adapters to the base model (as the UIs do, in the given order) and write the whole model to each of ``outs``."""
-    from trainer.adapters.extract import load_model
+    """Apply the adapters to the base model (as the UIs do, in the given order) and write the whole model to each of ``outs``:
+    a single file in ``dtype`` (default fp16, what the UIs share), a diffusers folder in float32 (plus ``dtype`` as its variant)."""
     from trainer.models.export import save_diffusers_folder, save_single_file
 
     outs = [Path(out) for out in outs]
@@ -189,7 +189,7 @@ def merge_into_model(
     merged_from = json.dumps([{"file": w.adapter.path.name, "ratio": w.ratio, "sshs_model_hash": w.adapter.metadata.get("sshs_model_hash", "")} for w in inputs])
     for out in outs:
         if out.suffix.lower() == ".safetensors":
-            save_single_file(model, out, dtype=DTYPES[dtype], metadata={"sdtrain_merged_adapters": merged_from, "modelspec.description": f"{model.name} + {', '.join(map(str, inputs))}"})
+            save_single_file(model, out, dtype=DTYPES[dtype or "fp16"], metadata={"sdtrain_merged_adapters": merged_from, "modelspec.description": f"{model.name} + {', '.join(map(str, inputs))}"})
         else:
-            save_diffusers_folder(model, out, save_dtype=dtype, replace=overwrite)
+            save_diffusers_folder(model, out, save_dtype=dtype or "fp32", replace=overwrite)
     return MergeReport(outs, lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer.adapters.files import Module, check_output, floating_dtype, network_dims, read_adapter, save_adapter
-from trainer.adapters.lowrank import RankRule, Truncation, dense_delta, is_factored_lora, product_svd, truncate, truncate_dense
+from trainer.adapters.lowrank import RankRule, Truncation, dense_delta, has_kernel, is_factored_lora, product_svd, truncate, truncate_dense, weight_shape
 from trainer.errors import UserError
 from trainer.formats import lycoris
 
@@ -43,12 +43,6 @@ class ResizeReport:
         )
         lines.append(f"Wrote {self.output}")
         return "\n".join(lines)
-
-
-def has_kernel(module: Module) -> bool:
-    """A convolution with a spatial kernel (3x3): kohya gives these their own rank (conv_dim)."""
-    down = module["lora_down.weight"]
-    return "lora_mid.weight" in module or (down.dim() == 4 and tuple(down.shape[2:]) != (1, 1))
 
 
 def resize_module(module: Module, rule: RankRule) -> tuple[Module, Truncation]:
@@ -84,7 +78,7 @@ def resize(src: Path, dst: Path, rule: RankRule, conv_rank: int | None = None, d
     conv_rule = rule if conv_rank is None else dataclasses.replace(rule, rank=conv_rank)
     resized, report = {}, []
     for name, module in modules.items():
-        resized[name], cut = resize_module(module, conv_rule if has_kernel(module) else rule)
+        resized[name], cut = resize_module(module, conv_rule if has_kernel(weight_shape(module)) else rule)
         report.append(ModuleResize(name, module["lora_down.weight"].shape[0], cut.rank, cut.kept_fro_share))
     metadata = dict(adapter.metadata)
     metadata.update(network_dims(resized))
