@@ -9,6 +9,9 @@ from trainer.errors import UserError
 from trainer.formats.safetensors_file import DTYPES
 
 
+CONFIG_HELP = "for single-file models of another shape than SD1.5/SD2.1/SDXL: the diffusers folder of their architecture"
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -74,7 +77,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     report = extract(
         args.tuned, args.base, Path(args.out), args.rank, conv_rank=args.conv_rank, te_threshold=args.te_threshold,
-        clamp_quantile=args.clamp_quantile, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+        clamp_quantile=args.clamp_quantile, config=args.config, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
     )
     print(report.text())
     return 0
@@ -85,7 +88,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     paths = [Path(p) for p in args.adapters]
     if args.base:
-        report = merge_into_model(paths, args.base, [Path(o) for o in args.out], args.ratios, dtype=args.dtype, overwrite=args.overwrite)
+        report = merge_into_model(paths, args.base, [Path(o) for o in args.out], args.ratios, config=args.config, dtype=args.dtype, overwrite=args.overwrite)
     else:
         if len(args.out) != 1 or Path(args.out[0]).suffix.lower() != ".safetensors":
             raise UserError("Merging adapters into one writes one .safetensors file: give one --out FILE.safetensors (or --base MODEL to merge them into a model).")
@@ -123,6 +126,7 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     extract.add_argument("--te-threshold", type=float, default=0.01, help="include a text encoder only if a weight changed by more than this (default 0.01, kohya's --min_diff)")
     extract.add_argument("--clamp-quantile", type=_share, help="clamp the factors' entries to this quantile of their magnitudes (off by default; kohya uses 0.99)")
     extract.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="weights' precision (default fp16)")
+    extract.add_argument("--config", help=CONFIG_HELP)
     extract.set_defaults(run=_extract)
 
     merge = commands.add_parser(
@@ -135,6 +139,7 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     merge.add_argument("--ratios", type=float, nargs="+", help="one weight per adapter, in order; negative ones subtract (default 1 each)")
     merge.add_argument("--base", help="the model to merge into: built-in name, diffusers folder or single file")
     merge.add_argument("--out", action="append", required=True, help="output: .safetensors file, or (with --base) a folder; with --base it may be given twice")
+    merge.add_argument("--config", help=CONFIG_HELP)
     merge.add_argument("--mode", choices=["svd", "concat"], default="svd", help="without --base: svd (sum, then best rank --rank) or concat (exact, rank = sum of ranks)")
     _add_rank_rule(merge, "with --mode svd: the rank of the merged LoRA (with a dynamic rule: its cap)")
     merge.add_argument("--dtype", choices=list(DTYPES), help="weights' precision (default: the first adapter's; for a model fp16 in a single file, float32 in a folder)")

@@ -29,16 +29,17 @@ TEXT_ENCODER = re.compile(r"layers\.\d+\.(self_attn|mlp)\.")
 DEFAULT_TE_THRESHOLD = 0.01  # kohya's --min_diff
 
 
-def load_model(spec: str, role: str):
-    """A base model by built-in name, diffusers folder or single file; errors name the command's argument."""
+def load_model(spec: str, role: str, config: str | None = None):
+    """A base model by built-in name, diffusers folder or single file (``config``: the diffusers folder of a
+    single file's architecture, the commands' ``--config``); errors name the command's argument."""
     from trainer.models.loading import builtin_base_names, load_base_model
 
     if spec not in builtin_base_names() and not Path(spec).exists():
         raise UserError(f"{role} '{spec}' does not exist. Give a diffusers folder, a single-file .safetensors checkpoint, or a built-in name ({', '.join(builtin_base_names())}).")
     try:
-        return load_base_model(spec)
+        return load_base_model(spec, config=config)
     except UserError as err:
-        raise UserError(f"{role}: {err}") from None
+        raise UserError(f"{role}: {err} (Here model.config is the --config option.)") from None
 
 
 def _targets(component: str, part: nn.Module, with_convs: bool) -> dict[str, nn.Module]:
@@ -76,10 +77,10 @@ class ExtractReport:
 
 def extract(
     tuned: str, base: str, out: Path, rank: int, *, conv_rank: int | None = None, te_threshold: float = DEFAULT_TE_THRESHOLD,
-    clamp_quantile: float | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
+    clamp_quantile: float | None = None, config: str | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
 ) -> ExtractReport:
     check_output(out, overwrite)
-    tuned_model, base_model = load_model(tuned, "Tuned model"), load_model(base, "Base model")
+    tuned_model, base_model = load_model(tuned, "Tuned model", config), load_model(base, "Base model", config)
     if tuned_model.family is not base_model.family:
         raise UserError(f"Tuned model '{tuned}' is {tuned_model.family.title} but base model '{base}' is {base_model.family.title}; give the base the tuned model was trained from.")
     tuned_parts, base_parts = tuned_model.parts(), base_model.parts()

@@ -165,7 +165,8 @@ def check_model_outputs(outs: list[Path], overwrite: bool) -> None:
 
 
 def merge_into_model(
-    paths: list[Path], base: str, outs: list[Path], ratios: list[float] | None = None, *, dtype: str | None = None, overwrite: bool = False
+    paths: list[Path], base: str, outs: list[Path], ratios: list[float] | None = None, *, config: str | None = None, dtype: str | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Apply the adapters to the base model (as the UIs do, in the given order) and write the whole model to each of ``outs``:
     a single file in ``dtype`` (default fp16, what the UIs share), a diffusers folder in float32 (plus ``dtype`` as its variant)."""
@@ -174,7 +175,7 @@ def merge_into_model(
     outs = [Path(out) for out in outs]
     check_model_outputs(outs, overwrite)
     inputs = read_weighted(paths, ratios)
-    model = load_model(base, "Base model")
+    model = load_model(base, "Base model", config)
     lines = []
     for weighted in inputs:
         modules = weighted.adapter.modules
