@@ -441,6 +441,7 @@ def _lora_file(path, generator_seed: int = 0, **extra_modules):
         ("lora", ["resize", "{tmp}/a.safetensors", "{tmp}/out.safetensors"], "needs the rank to keep"),
         ("lora", ["merge", "{tmp}/a.safetensors", "--out", "{tmp}/a.safetensors", "--rank", "1"], "add --overwrite"),
         ("lora", ["merge", "{tmp}/a.safetensors", "--out", "{tmp}/out.safetensors"], "needs the rank to keep"),
+        ("lora", ["merge", "{tmp}/a.safetensors", "--mode", "concat", "--rank", "2", "--out", "{tmp}/o.safetensors"], "--mode concat keeps every rank"),
         ("lora", ["merge", "{tmp}/a.safetensors", "--ratios", "1", "2", "--out", "{tmp}/o.safetensors", "--rank", "1"], "2 values for 1 adapters"),
         ("loha", ["merge", "{tmp}/loha.safetensors", "--mode", "concat", "--out", "{tmp}/o.safetensors"], "Use --mode svd"),
         ("loha", ["resize", "{tmp}/loha.safetensors", "{tmp}/o.safetensors", "--rank", "1"], "no LoRA/LoCon/DoRA"),

@@ -104,40 +104,45 @@ def _concat(terms: list[tuple[Weighted, Module]]) -> Module:
     return {"lora_down.weight": down.reshape(rank, *shape[1:]), "lora_up.weight": up.reshape(shape[0], rank, *[1] * (len(shape) - 2)), "alpha": float(rank)}
 
 
+def _merge_concat(by_name: dict[str, list[tuple[Weighted, Module]]]) -> tuple[dict[str, Module], str]:
+    for name, terms in by_name.items():
+        for weighted, module in terms:
+            if not is_factored_lora(module):
+                kind = "a LoCon with a Tucker core" if lycoris.algo_of(module) == lycoris.LOCON else lycoris.algo_of(module)
+                raise UserError(
+                    f"--mode concat joins LoRA/LoCon factors along the rank; module '{name}' of '{weighted.adapter.path}' is {kind}. "
+                    "Use --mode svd (the default) with --rank."
+                )
+    return {name: _concat(terms) for name, terms in by_name.items()}, "concatenated along the rank (exact)"
+
+
+def _merge_svd(by_name: dict[str, list[tuple[Weighted, Module]]], rule: RankRule, conv_rank: int | None) -> tuple[dict[str, Module], str]:
+    conv_rule = rule if conv_rank is None else dataclasses.replace(rule, rank=conv_rank)
+    merged, shares = {}, []
+    for name, terms in by_name.items():
+        cut = _sum_svd(terms, conv_rule if has_kernel(weight_shape(terms[0][1])) else rule)
+        merged[name] = cut.module()
+        shares.append(cut.kept_fro_share)
+    kept = f"kept share of each module's sum: mean {100 * sum(shares) / len(shares):.2f}%, lowest {100 * min(shares):.2f}%"
+    return merged, f"summed, then cut by SVD ({describe_rule(rule, conv_rank)}); {kept}"
+
+
 def merge_adapters(
     paths: list[Path], out: Path, ratios: list[float] | None = None, *, mode: str = SVD, rule: RankRule | None = None, conv_rank: int | None = None,
     dtype: torch.dtype | None = None, overwrite: bool = False,
 ) -> MergeReport:
     """One kohya LoRA file from several adapters (LoRA, LoCon, LoHa, LoKr, full), each weighted by its ratio."""
+    if mode == CONCAT and (rule is not None or conv_rank is not None):
+        raise UserError("--mode concat keeps every rank (the result's rank is the sum of the inputs'); leave out --rank/--conv-rank and the dynamic rules, or use --mode svd.")
+    if mode == SVD and rule is None:
+        raise UserError("Merging adapters into one with --mode svd needs the rank to keep: add --rank R (or a dynamic rule such as --sv-fro 0.99).")
     check_output(out, overwrite)
     inputs = read_weighted(paths, ratios)
     by_name = _modules_by_name(inputs)
-    merged, lines = {}, []
-    if mode == CONCAT:
-        other = [(w, name, m) for name, terms in by_name.items() for w, m in terms if not is_factored_lora(m)]
-        if other:
-            weighted, name, module = other[0]
-            kind = "a LoCon with a Tucker core" if lycoris.algo_of(module) == lycoris.LOCON else lycoris.algo_of(module)
-            raise UserError(
-                f"--mode concat joins LoRA/LoCon factors along the rank; module '{name}' of '{weighted.adapter.path}' is {kind}. "
-                "Use --mode svd (the default) with --rank."
-            )
-        merged = {name: _concat(terms) for name, terms in by_name.items()}
-        how = "concatenated along the rank (exact)"
-    else:
-        if rule is None:
-            raise UserError("Merging adapters into one with --mode svd needs the rank to keep: add --rank R (or a dynamic rule such as --sv-fro 0.99).")
-        conv_rule = rule if conv_rank is None else dataclasses.replace(rule, rank=conv_rank)
-        shares = []
-        for name, terms in by_name.items():
-            cut = _sum_svd(terms, conv_rule if has_kernel(weight_shape(terms[0][1])) else rule)
-            merged[name] = cut.module()
-            shares.append(cut.kept_fro_share)
-        how = f"summed, then cut by SVD ({describe_rule(rule, conv_rank)}); kept share of each module's sum: mean {100 * sum(shares) / len(shares):.2f}%, lowest {100 * min(shares):.2f}%"
-    lines.append(f"Merged {', '.join(map(str, inputs))}: {len(merged)} modules, {how}.")
+    merged, how = _merge_concat(by_name) if mode == CONCAT else _merge_svd(by_name, rule, conv_rank)
     metadata = merged_adapter_metadata(inputs, Path(out), merged, how)
     save_adapter(out, merged, metadata, dtype or floating_dtype(inputs[0].adapter.tensors))
-    return MergeReport([Path(out)], lines)
+    return MergeReport([Path(out)], [f"Merged {', '.join(map(str, inputs))}: {len(merged)} modules, {how}."])
 
 
 def merged_adapter_metadata(inputs: list[Weighted], out: Path, modules: dict[str, Module], how: str) -> dict[str, str]:
