@@ -172,6 +172,8 @@ def test_dynamic_rules_pick_the_rank_their_definition_says(tmp_path, rule, expec
     assert read_metadata(tmp_path / "out.safetensors")["ss_network_dim"] == ("Dynamic" if expected != 2 else "2")
     written = lycoris_format.split_modules(load_file(tmp_path / "out.safetensors"))
     assert {name: m["lora_down.weight"].shape[0] for name, m in written.items()} == ranks
+    # A change of zero (an untrained module) keeps one zero rank under every rule.
+    assert rule.choose(torch.zeros(6)) == 1
 
 
 # --- merge into a model --------------------------------------------------------------------------------
@@ -402,11 +404,14 @@ def test_inspect_reports_format_family_ranks_metadata_hash_and_problems(tiny, ti
     # A NaN, and tensors changed after the hash was written (the stored hash kept).
     tensors = load_file(path)
     tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"][0, 0, 0, 0] = float("nan")
+    # A text-encoder name without text_model (what transformers 5's module tree gives): no UI matches it.
+    tensors.update({f"lora_te_encoder_layers_0_self_attn_q_proj.{k}": torch.as_tensor(v) for k, v in lora_module(64, (64,), 4, 2.0, generator).items()})
     save_file(tensors, tmp_path / "b.safetensors", metadata=read_metadata(path))
     code, out, err = _run(capsys, "lora", "inspect", tmp_path / "b.safetensors")
     assert code == 0, err
     assert "NaN or Inf" in out and "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in out
     assert "sshs_model_hash: differs" in out
+    assert "lack 'text_model'" in out and "lora_te_encoder_layers_0_self_attn_q_proj" in out
     # SDXL: told by its two text encoders' names, parts TE1 and TE2; a LoHa is a LoHa.
     save_file(lycoris_tensors(tiny_sdxl, seed=8, algo="loha", rank=2, alpha=1.0), tmp_path / "xl.safetensors")
     report = json.loads(_run(capsys, "lora", "inspect", "--json", tmp_path / "xl.safetensors")[1])

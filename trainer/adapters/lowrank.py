@@ -34,6 +34,8 @@ class RankRule:
     def choose(self, singular_values: torch.Tensor) -> int:
         """The rank to keep of a matrix with these singular values (descending), at least 1."""
         s = singular_values.double()
+        if s[0] == 0:  # no change at all: one (zero) rank keeps the module's place in the file
+            return 1
         if self.sv_ratio is not None:
             rank = int((s >= s[0] / self.sv_ratio).sum())
         elif self.sv_fro is not None:
@@ -49,8 +51,6 @@ class RankRule:
 
 def _first_reaching(shares: torch.Tensor, target: float) -> int:
     """The fewest leading values whose share reaches ``target`` (all of them when rounding keeps the share below it)."""
-    if not torch.isfinite(shares).all():  # a zero matrix: 0 / 0
-        return 1
     return int(torch.searchsorted(shares, torch.tensor([target], dtype=shares.dtype))[0]) + 1
 
 
