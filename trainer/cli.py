@@ -211,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
     concept.set_defaults(run=_eval_concept)
 
     _add_kohya_commands(commands, common)
+    lora = commands.add_parser("lora", help="adapter tools: inspect, resize, extract, merge (docs/tools.md)")
+    from trainer.adapters.commands import add_lora_commands
+
+    add_lora_commands(lora, common)
 
     from trainer.bench import add_arguments
 
