@@ -126,12 +126,13 @@ def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict, rank: int) -> bo
 
 def save_checkpoint(
     output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, source_fingerprint: str, keep: int,
-    world: World = World(),
+    world: World = World(), protect: int | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically, then drop the oldest beyond ``keep`` (see ``_rotate``).
 
     Every process calls it (their RNG states are gathered); the main one writes, and the others wait
-    until it has, so none runs ahead of a checkpoint it might be killed before."""
+    until it has, so none runs ahead of a checkpoint it might be killed before. The checkpoint of step
+    ``protect`` (validation.keep_best's) is never rotated away."""
     target = checkpoint_dir(output_dir, progress.step)
     rng_tensors, rng_plain = _gathered_rng_state(world)
     if not world.is_main:
@@ -162,7 +163,7 @@ def save_checkpoint(
         save_file(rng_tensors, tmp / "rng.safetensors")
         # state.json last: its presence is what marks the folder's content complete.
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _rotate(Path(output_dir) / "checkpoints", keep, progress.step)
+    _rotate(Path(output_dir) / "checkpoints", keep, progress.step, protect)
     barrier(world)
     return target
 
@@ -177,15 +178,17 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rotate(root: Path, keep: int, step: int) -> None:
-    """Keep the newest ``keep`` checkpoints up to ``step`` (0 = all).
+def _rotate(root: Path, keep: int, step: int, protect: int | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints up to ``step`` (0 = all), and the one of step ``protect``.
 
     Later ones are left alone: they are from before a resume from an earlier checkpoint, and the run
     replaces each when it reaches its step. Counting them would delete the checkpoint just written.
     """
     if keep <= 0:
         return
-    for _, old in [found for found in _complete_checkpoints(root) if found[0] <= step][:-keep]:
+    for found_step, old in [found for found in _complete_checkpoints(root) if found[0] <= step][:-keep]:
+        if found_step == protect:
+            continue
         # Renamed to a hidden name first: a deletion killed halfway then leaves no step-… folder that
         # lacks some of its files (and that a later rotation would never see); the next save sweeps it.
         doomed = old.parent / f".{old.name}.{uuid.uuid4().hex[:8]}.deleting"

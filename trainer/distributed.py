@@ -114,14 +114,15 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], world: World) -> None:
             offset += grad.numel()
 
 
-def sum_over_processes(value: float, world: World, device: torch.device) -> float:
+def sum_over_processes(values: list[float], world: World, device: torch.device) -> list[float]:
+    """Each value summed over the processes (in float64)."""
     if world.processes == 1:
-        return value
+        return list(values)
     import torch.distributed as dist
 
-    total = torch.tensor([value], dtype=torch.float64, device=device)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
-    return float(total.item())
+    return total.tolist()
 
 
 def broadcast_parameters(params: Sequence[torch.nn.Parameter], world: World) -> None:

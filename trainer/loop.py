@@ -31,6 +31,8 @@ from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml, validate_recipe
 from trainer.resume import check_resume, flatten
 from trainer.run_folder import earlier_run, move_aside, refuse_earlier_run
+from trainer.validation import IMAGES_NAME as VALIDATION_IMAGES
+from trainer.validation import Validator
 
 
 class TrainingDiverged(UserError):
@@ -185,7 +187,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         sweep_leftovers(output_dir)
 
     # One global batch of processes x batch_size samples per micro-step; each process trains its slice.
-    data = TrainingData(recipe.data, seed=cfg.seed, batch_size=cfg.batch_size * world.processes, reg_loss_weight=method_cls.reg_loss_weight(recipe))
+    data = TrainingData(
+        recipe.data, seed=cfg.seed, batch_size=cfg.batch_size * world.processes, reg_loss_weight=method_cls.reg_loss_weight(recipe),
+        validation_split=recipe.validation.split, validation_seed=recipe.validation.seed,
+    )
     for warning in data.warnings:
         say(f"warning: {warning}")
     source_fingerprint = data.fingerprint
@@ -241,12 +246,18 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         with torch.no_grad():
             return model.encode_latents(pixels.to(device))
 
+    validator = Validator.from_recipe(recipe, data, model.objective.scheduler.config.num_train_timesteps, output_dir)
+    if validator and checkpoint:
+        validator.resume_table(checkpoint.progress.step)
+
     broadcast_parameters(trainable, world)
     if world.is_main:
         if earlier:
             print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
         output_dir.mkdir(parents=True, exist_ok=True)
         write_text(output_dir / "recipe.yaml", recipe_to_yaml(recipe))
+        if validator:
+            write_text(output_dir / VALIDATION_IMAGES, validator.describe())
     barrier(world)
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
@@ -260,10 +271,27 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
 
     # The step whose state is checkpointed already (the one resumed from counts).
     saved_step = checkpoint.progress.step if checkpoint else None
+    checkpointed = {step for step, _ in complete_checkpoints(output_dir) if saved_step is not None and step <= saved_step}
+    validated_step = None
+
+    def validate() -> None:
+        nonlocal validated_step
+        values = validator.measure(method, model, cache, encode_mean, world, device, accelerator.autocast)
+        validated_step = progress.step
+        if world.is_main:
+            row = validator.record(progress.step, values)
+            accelerator.log({f"validation/{key}": value for key, value in row.items() if key != "step"}, step=progress.step)
 
     def save() -> None:
         nonlocal saved_step
-        path = save_checkpoint(output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints, world)
+        keep_best = validator is not None and recipe.validation.keep_best
+        if keep_best and validated_step != progress.step:
+            validate()
+        checkpointed.add(progress.step)
+        best = validator.best_step(checkpointed) if keep_best else None
+        path = save_checkpoint(
+            output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints, world, best
+        )
         result.checkpoints.append(path)
         saved_step = progress.step
 
@@ -295,7 +323,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
                         latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch), input_noise
                     ))
             # Each process's loss is its share of the global batch's mean: their sum is that mean.
-            batch_loss = sum_over_processes(loss.item() if loss is not None else 0.0, world, device)
+            (batch_loss,) = sum_over_processes([loss.item() if loss is not None else 0.0], world, device)
             if not math.isfinite(batch_loss):
                 last = latest_complete(output_dir)
                 raise TrainingDiverged(
@@ -329,6 +357,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
             # them, so a complete checkpoint must imply its samples. (Sampling leaves every RNG as it was.)
             if recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0:
                 sample()
+            if validator and recipe.validation.every_steps and progress.step % recipe.validation.every_steps == 0:
+                validate()
             if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
                 save()
         if progress.batch_in_epoch >= len(batches):
@@ -338,6 +368,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
 
     if recipe.sample.prompts and not (recipe.sample.every_steps and progress.step % recipe.sample.every_steps == 0):
         sample()
+    if validator and validated_step != progress.step:
+        validate()
     # The final state is checkpointed once: not again by a run resumed from it (rewriting it would only
     # open a window in which a kill damages it).
     if progress.step != saved_step:
@@ -356,6 +388,10 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         print(f"Trained {recipe.method} for {progress.step} steps in {elapsed:.1f}s; final loss {result.final_loss:.4f}.")
     else:
         print(f"Nothing left to train: the run had reached step {progress.step} of {cfg.max_steps}; wrote its artifacts.")
+    if validator:
+        final = validator.rows[-1]
+        best = min(validator.rows, key=lambda row: row["loss"])
+        print(f"Validation loss at step {progress.step}: {final['loss']:.5f} (lowest {best['loss']:.5f} at step {int(best['step'])}; every value in {validator.path}).")
     for path in result.artifacts:
         print(f"Wrote {path}")
     return result

@@ -155,6 +155,22 @@ class TrainConfig:
 
 
 @dataclass
+class ValidationConfig:
+    # Fraction of the training images held out for the validation loss (0 = off); class images never are.
+    split: float = 0.0
+    # Or a folder of validation images (kohya layout, captions as in training) instead of a split.
+    dir: Optional[str] = None
+    # Measure every this many optimizer steps (0 = at the end only), and before each checkpoint with keep_best.
+    every_steps: int = 0
+    # Timesteps per image, evenly spaced over the trained range.
+    timesteps: int = 8
+    # Seeds the split and the validation noise (never the training RNG).
+    seed: int = 0
+    # Never delete the checkpoint with the lowest validation loss when rotating old ones.
+    keep_best: bool = False
+
+
+@dataclass
 class SampleConfig:
     every_steps: int = 0
     prompts: list[str] = field(default_factory=list)
@@ -190,6 +206,7 @@ class Recipe:
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     lycoris: LycorisConfig = field(default_factory=LycorisConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -293,6 +310,7 @@ def validate_recipe(recipe: Recipe) -> None:
         *_model_problems(recipe.model),
         *_data_problems(recipe.data),
         *_train_problems(recipe.train),
+        *_validation_problems(recipe.validation),
         *_sample_problems(recipe.sample),
         *_output_problems(recipe.output),
         # A method's section is the recipe key named like the method.
@@ -365,6 +383,17 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         ("save_every_steps", cfg.save_every_steps >= 0, "it must be 0 (a checkpoint at the end only) or a number of steps."),
         ("keep_checkpoints", cfg.keep_checkpoints >= 0, "it must be 0 (keep all) or more."),
         ("log_every_steps", cfg.log_every_steps >= 1, at_least_one),
+    ])
+
+
+def _validation_problems(cfg: ValidationConfig) -> list[str]:
+    return broken("validation", cfg, [
+        ("split", 0 <= cfg.split < 1, "use a fraction in [0, 1): 0 (off) or e.g. 0.1 to hold out a tenth of the training images."),
+        ("split", not (cfg.split and cfg.dir), "validation.dir is set too: use one of them (set validation.split=0 to use the folder)."),
+        ("every_steps", cfg.every_steps >= 0, "it must be 0 (at the end only) or a number of steps."),
+        ("timesteps", cfg.timesteps >= 1, "it must be at least 1 (8 is usual)."),
+        seed_rule("seed", cfg.seed),
+        ("keep_best", not (cfg.keep_best and not (cfg.split or cfg.dir)), "there is no validation set: set validation.split or validation.dir."),
     ])
 
 

@@ -20,8 +20,8 @@ from trainer.checkpoint import Checkpoint
 from trainer.errors import UserError
 from trainer.methods import METHODS
 
-# Where, how often and in which format the run writes things, and how it draws samples (in a forked
-# RNG): the trained weights do not depend on them. Gradient checkpointing recomputes activations
+# Where, how often and in which format the run writes things, how it draws samples (in a forked RNG)
+# and measures the validation loss (no gradients, its own seeds): the trained weights do not depend on them. Gradient checkpointing recomputes activations
 # instead of storing them (restoring the RNG for dropout): the same computation, less memory.
 NO_EFFECT = (
     "train.save_every_steps",
@@ -33,6 +33,10 @@ NO_EFFECT = (
     "output.*",
     "data.cache_dir",
     "model.allow_unsafe_pickle",
+    "validation.every_steps",
+    "validation.timesteps",
+    "validation.keep_best",
+    "validation.dir",
 )
 
 # Values the optimizer reads at every step; the checkpoint's optimizer state stays valid with new
@@ -53,11 +57,12 @@ SCHEDULE = (
     "train.lr_warmup_steps",
 )
 
-# What the run trains on. The data fingerprint (images, captions, buckets, caption settings) decides:
+# What the run trains on (validation.split and its seed choose which images it holds out). The data
+# fingerprint (images, captions, buckets, caption settings) decides:
 # a key change that leaves it unchanged (e.g. data.dir after moving the folder) changes nothing, one
 # that changes it needs --allow-data-change, since the run then continues on other data.
 # data.cache_latents is judged by itself in :func:`_cache_note`.
-DATA = ("data.*",)
+DATA = ("data.*", "validation.split", "validation.seed")
 
 # Data keys the fingerprint does not see but the trained model does: how captions become text-encoder
 # input. They refuse like any other key.

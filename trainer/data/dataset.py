@@ -12,6 +12,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from PIL import Image, ImageOps
 from trainer.data.buckets import Size
 from trainer.data.captions import process_caption, tag_frequency
 from trainer.data.scan import Item, scan
-from trainer.data.seeding import seeded_rng, stable_shuffle
+from trainer.data.seeding import seed_of, seeded_rng, stable_shuffle
 from trainer.data.sources import Problem
 from trainer.errors import UserError
 from trainer.models.conditioning import ImageGeometry
@@ -43,6 +44,20 @@ def _loader_pool() -> ThreadPoolExecutor:
     if _loader is None:
         _loader = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sdtrain-images")
     return _loader
+
+
+def held_out(items: list[Item], fraction: float, seed: int) -> set[int]:
+    """Indices of the training images validation.split holds out: round(fraction x images) of them (at
+    least one, and at least one left to train on), chosen by a hash of (seed, content) so the choice
+    depends neither on file order nor on names. Regularisation (class) images are never held out."""
+    candidates = [index for index, item in enumerate(items) if not item.is_reg]
+    if fraction <= 0 or not candidates:
+        return set()
+    if len(candidates) < 2:
+        raise UserError(f"Recipe key 'validation.split' is {fraction}, but the data has a single training image: nothing would be left to train on. Use validation.dir instead.")
+    count = min(max(1, round(fraction * len(candidates))), len(candidates) - 1)
+    ranked = sorted(candidates, key=lambda index: (seed_of(seed, items[index].content_hash), items[index].relative_path))
+    return set(ranked[:count])
 
 
 def _user_error(fatal: list[Problem]) -> UserError:
@@ -138,7 +153,7 @@ class TrainingData:
     settings do, so a resume can refuse to continue on different data.
     """
 
-    def __init__(self, cfg: DataConfig, *, seed: int, batch_size: int, reg_loss_weight: float = 1.0):
+    def __init__(self, cfg: DataConfig, *, seed: int, batch_size: int, reg_loss_weight: float = 1.0, validation_split: float = 0.0, validation_seed: int = 0):
         if batch_size < 1:
             raise UserError(f"train.batch_size is {batch_size}; it must be at least 1.")
         result = scan(cfg)
@@ -148,9 +163,13 @@ class TrainingData:
         self.seed = seed
         self.batch_size = batch_size
         self.reg_loss_weight = reg_loss_weight
+        self.validation_split, self.validation_seed = validation_split, validation_seed
         self.subsets = result.subsets
         self.bucket_plan = result.plan  # the effective bucket settings (min/max side rounded to the step)
-        self.items: list[Item] = result.items
+        held = held_out(result.items, validation_split, validation_seed)
+        # The images validation.split keeps out of training (trainer.validation scores them).
+        self.validation_items: list[Item] = [item for index, item in enumerate(result.items) if index in held]
+        self.items: list[Item] = [item for index, item in enumerate(result.items) if index not in held]
         self.warnings: list[str] = [problem.text() for problem in result.problems]
 
         self._sample_item = [index for index, item in enumerate(self.items) for _ in range(item.repeats)]
@@ -172,6 +191,13 @@ class TrainingData:
         self.reg_dataset_dirs = self._dirs(is_reg=True)
         self.bucket_info = self._bucket_info(result.plan.resolutions)
         self.fingerprint = self._fingerprint()
+
+    def with_subsets(self, extra: list) -> TrainingData:
+        """The same data settings with more subsets (e.g. DreamBooth's class images), scanned anew."""
+        return TrainingData(
+            replace(self.cfg, subsets=[*self.cfg.subsets, *extra]), seed=self.seed, batch_size=self.batch_size,
+            reg_loss_weight=self.reg_loss_weight, validation_split=self.validation_split, validation_seed=self.validation_seed,
+        )
 
     @property
     def num_samples(self) -> int:

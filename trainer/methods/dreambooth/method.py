@@ -12,7 +12,6 @@ and/or one original-layout ``.safetensors`` file that AUTOMATIC1111 and ComfyUI 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,8 +89,6 @@ class DreamBoothMethod(TrainingMethod):
 
     def prepare_data(self, data, device: torch.device):
         """Fill the class folder, then train on it as a regularisation subset captioned with the class prompt."""
-        from trainer.data import TrainingData
-
         if not self.cfg.prior_preservation:
             return data
         request = self.class_image_request()
@@ -102,13 +99,7 @@ class DreamBoothMethod(TrainingMethod):
                 f"warning: {len(other)} images in '{request.directory}' were generated for another prompt, but are captioned "
                 f"'{request.prompt}' now (e.g. {other[0]}). Empty the folder, or point dreambooth.class_dir elsewhere, to draw new ones."
             )
-        class_subset = SubsetConfig(dir=str(request.directory), caption=request.prompt, is_reg=True)
-        with_class = TrainingData(
-            replace(data.cfg, subsets=[*data.cfg.subsets, class_subset]),
-            seed=data.seed,
-            batch_size=data.batch_size,
-            reg_loss_weight=data.reg_loss_weight,
-        )
+        with_class = data.with_subsets([SubsetConfig(dir=str(request.directory), caption=request.prompt, is_reg=True)])
         for warning in with_class.warnings:
             if warning not in data.warnings:
                 print(f"warning: {warning}")
