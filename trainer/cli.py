@@ -126,6 +126,15 @@ def _export_kohya(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    try:
+        from trainer.ui.server import serve
+    except ImportError as err:
+        raise UserError(f"`sdtrain ui` needs the ui extra ({err.name} is missing): pip install -e \".[ui]\" (or pip install \"sdtrain[ui]\").") from None
+    serve(Path(args.root), host=args.host, port=args.port)
+    return 0
+
+
 def _add_kohya_commands(commands, common: argparse.ArgumentParser) -> None:
     """``sdtrain import kohya FILE...`` and ``sdtrain export kohya RECIPE`` (docs/from-kohya.md)."""
     importing = commands.add_parser("import", help="turn another trainer's settings into a recipe")
@@ -215,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     from trainer.adapters.commands import add_lora_commands
 
     add_lora_commands(lora, common)
+
+    ui = commands.add_parser("ui", parents=[common], help="the web app: data, recipes, runs in a browser (docs/ui.md)")
+    ui.add_argument("--root", default=".", help="the folder the UI works in: datasets, recipes/ and output/ under it (default: here)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other needs the printed token)")
+    ui.set_defaults(run=_ui)
 
     from trainer.bench import add_arguments
 
