@@ -35,7 +35,7 @@ def dataset(root: Path, resolution=128, flip=False) -> TrainingData:
 
 
 def one_epoch(data: TrainingData, cache: LatentCache, encoder: CountingEncoder, epoch=0) -> list[torch.Tensor]:
-    return [cache.latents(data.load_batch(batch, epoch), encoder) for batch in data.epoch_batches(epoch)]
+    return [cache.latents(data.load_batch(batch, epoch), encoder)[0] for batch in data.epoch_batches(epoch)]
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_flipped_samples_are_cached_separately(tmp_path):
     latents = {}
     for batch in data.epoch_batches(0):
         loaded = data.load_batch(batch, 0)
-        for flipped, latent in zip(loaded.flipped, cache.latents(loaded, encoder)):
+        for flipped, latent in zip(loaded.flipped, cache.latents(loaded, encoder)[0]):
             latents[flipped] = latent
     assert set(latents) == {False, True}
 

@@ -148,6 +148,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     from accelerate.utils import set_seed
 
     from trainer.data import LatentCache, TextCache, TrainingData, module_fingerprint, vae_fingerprint
+    from trainer.data.cache import latent_masks
 
     # Recipes built in code (tests, the bench) did not pass through load_recipe.
     validate_recipe(recipe)
@@ -315,12 +316,14 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
                     with torch.no_grad():
                         dist = model.vae.encode(batch.pixel_values().to(device, model.vae.dtype)).latent_dist
                         latents = model.scale_latents(dist.sample(generator=diffusion.sample_generators(cfg.seed, progress.epoch, samples, "latents")))
+                    masks = latent_masks(batch, latents)
                 else:
-                    latents = cache.latents(batch, encode_mean).to(device)
+                    latents, masks = cache.latents(batch, encode_mean)
+                    latents, masks = latents.to(device), masks.to(device) if masks is not None else None
                 noise, timesteps, input_noise = model.objective.sample(latents, diffusion.sample_generators(cfg.seed, progress.epoch, samples, "noise"))
                 with accelerator.autocast():
                     loss = method.loss(TrainingBatch(
-                        latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch), input_noise
+                        latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch), input_noise, masks
                     ))
             # Each process's loss is its share of the global batch's mean: their sum is that mean.
             (batch_loss,) = sum_over_processes([loss.item() if loss is not None else 0.0], world, device)

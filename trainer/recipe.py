@@ -109,6 +109,9 @@ class DataConfig:
     cache_text_encoder_outputs: str = "none"
     # Folder for the disk caches (default: {output.dir}/latent_cache).
     cache_dir: Optional[str] = None
+    # Loss masks: "none", "alpha" (the image's alpha channel) or "dir" (same-named mask images in mask_dir).
+    masks: str = "none"
+    mask_dir: Optional[str] = None
 
 
 @dataclass
@@ -336,6 +339,7 @@ def _data_problems(cfg: DataConfig) -> list[str]:
     """The data package's own checks of its settings (``sdtrain data inspect`` reports the same), and the cache mode."""
     from trainer.data.buckets import BucketPlan
     from trainer.data.cache import MODES
+    from trainer.data.masks import MASK_MODES
     from trainer.data.scan import setting_problems
 
     from trainer.models.text import MAX_TOKEN_LENGTHS
@@ -344,6 +348,8 @@ def _data_problems(cfg: DataConfig) -> list[str]:
     return problems + broken("data", cfg, [
         ("cache_latents", cfg.cache_latents in MODES, one_of(cfg.cache_latents, MODES)),
         ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs in MODES, one_of(cfg.cache_text_encoder_outputs, MODES)),
+        ("masks", cfg.masks in MASK_MODES, one_of(cfg.masks, MASK_MODES)),
+        ("mask_dir", cfg.masks != "dir" or bool(cfg.mask_dir), "data.masks is 'dir': set data.mask_dir to the folder of mask images (white = learn)."),
         ("max_token_length", cfg.max_token_length in MAX_TOKEN_LENGTHS,
          f"use one of {', '.join(map(str, MAX_TOKEN_LENGTHS))}: the caption's tokens, in windows of 75 (CLIP's own length)."),
     ])

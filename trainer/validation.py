@@ -87,7 +87,7 @@ class Validator:
                         continue
                     item = image.item
                     batch = Batch([item], [index], [image.caption], [False], torch.ones(1), [TrainingData.cache_key(item, False)], item.bucket)
-                    latents = cache.latents(batch, encode_mean).to(device)
+                    latents = cache.latents(batch, encode_mean)[0].to(device)
                     geometry = [geometry_of(item, False)]
                     for position, timestep in enumerate(self.timesteps):
                         generator = torch.Generator("cpu").manual_seed(seed_of(seed, item.content_hash, timestep))

@@ -5,7 +5,7 @@ text-encoder caches.
     data = TrainingData(recipe.data, seed=..., batch_size=...)
     for sample_indices in data.epoch_batches(epoch):
         batch = data.load_batch(sample_indices, epoch)
-        latents = cache.latents(batch, encode)
+        latents, masks = cache.latents(batch, encode)
 """
 
 from trainer.data.cache import LatentCache, TextCache, module_fingerprint, vae_fingerprint

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from trainer.atomic import write_file
 from trainer.data.dataset import Batch
+from trainer.data.masks import on_latent_grid
 from trainer.errors import UserError
 from trainer.models.conditioning import TextConditioning
 
@@ -114,15 +115,18 @@ class LatentCache(TensorCache):
     def __init__(self, mode: str, directory: Path | str | None, vae_id: str):
         super().__init__(mode, directory, vae_id, "data.cache_latents")
 
-    def latents(self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The batch's latents [B, C, h, w]; ``encode(pixels)`` (already scaled latents) runs on the misses only.
+    def latents(self, batch: Batch, encode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's latents [B, C, h, w] and, with data.masks, their loss masks on the latent grid
+        [B, 1, h, w] (else None); ``encode(pixels)`` (already scaled latents) runs on the misses only.
 
         Mode "none" returns ``encode``'s output as is. Cached modes return float32 on the device
-        ``encode`` used (CPU when everything was a hit): move it with ``.to()``.
+        ``encode`` used (CPU when everything was a hit): move it with ``.to()``. A mask is cached with
+        its latents (its key carries the mask's identity).
         """
         if self.mode == "none":
             self.misses += len(batch)
-            return encode(batch.pixel_values())
+            latents = encode(batch.pixel_values())
+            return latents, latent_masks(batch, latents)
         device = torch.device("cpu")
 
         def compute(positions: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -133,11 +137,20 @@ class LatentCache(TensorCache):
                 # and a cached latent must not depend on which images happened to share its first batch.
                 encoded = encode(batch.pixel_values([i]))
                 device = encoded.device
-                entries.append({"latents": encoded[0]})
+                entry = {"latents": encoded[0]}
+                if batch.masked:
+                    entry["mask"] = on_latent_grid(batch.mask_values([i]), tuple(encoded.shape[-2:]))[0]
+                entries.append(entry)
             return entries
 
         found = self.lookup(batch.cache_keys, compute)
-        return torch.stack([entry["latents"] for entry in found]).to(device)
+        masks = torch.stack([entry["mask"] for entry in found]).to(device) if batch.masked else None
+        return torch.stack([entry["latents"] for entry in found]).to(device), masks
+
+
+def latent_masks(batch: Batch, latents: torch.Tensor) -> torch.Tensor | None:
+    """The batch's loss masks on the grid of ``latents`` (None without data.masks)."""
+    return on_latent_grid(batch.mask_values(), tuple(latents.shape[-2:])).to(latents.device) if batch.masked else None
 
 
 class TextCache(TensorCache):

@@ -11,7 +11,8 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from PIL import Image, ImageOps
 
 from trainer.data.buckets import Size
 from trainer.data.captions import process_caption, tag_frequency
+from trainer.data.masks import load_mask, mask_key
 from trainer.data.scan import Item, scan
 from trainer.data.seeding import seed_of, seeded_rng, stable_shuffle
 from trainer.data.sources import Problem
@@ -117,7 +119,8 @@ class Batch:
     batch whose latents are all cached never touches the image files."""
 
     def __init__(self, items: list[Item], sample_indices: list[int], captions: list[str], flipped: list[bool],
-                 loss_weights: torch.Tensor, cache_keys: list[str], size: Size):
+                 loss_weights: torch.Tensor, cache_keys: list[str], size: Size,
+                 mask_loader: Callable[[Item, bool], torch.Tensor] | None = None):
         self.items = items
         self.sample_indices = sample_indices
         self.captions = captions
@@ -127,6 +130,17 @@ class Batch:
         self.size = size
         self.geometry = [geometry_of(item, flip) for item, flip in zip(items, flipped)]
         self._pixels: dict[int, torch.Tensor] = {}
+        # data.masks: (item, flipped) -> its [1, H, W] loss mask on the bucket's pixels; None without masks.
+        self.mask_loader = mask_loader
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_loader is not None
+
+    def mask_values(self, positions: Sequence[int] | None = None) -> torch.Tensor:
+        """float32 [B, 1, H, W] in [0, 1]: the loss masks of the batch's images (or ``positions``)."""
+        positions = list(range(len(self.items)) if positions is None else positions)
+        return torch.stack([self.mask_loader(self.items[position], self.flipped[position]) for position in positions])
 
     def __len__(self) -> int:
         return len(self.items)
@@ -233,6 +247,7 @@ class TrainingData:
             ],
             "captions": [cfg.trigger_word, cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_separator, cfg.caption_dropout, cfg.tag_dropout],
             "flip": cfg.flip,
+            "masks": [mask_key(cfg, item) for item in self.items] if cfg.masks != "none" else [],
         }
         return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -259,9 +274,10 @@ class TrainingData:
             flip = self.cfg.flip and seeded_rng(self.seed, epoch, sample, "flip").random() < 0.5
             captions.append(process_caption(item.caption, self.cfg, seeded_rng(self.seed, epoch, sample, "caption"), item.is_reg))
             flipped.append(flip)
-            keys.append(self.cache_key(item, flip))
+            keys.append(self.cache_key(item, flip) + mask_key(self.cfg, item))
         weights = torch.tensor([self.reg_loss_weight if item.is_reg else 1.0 for item in items], dtype=torch.float32)
-        return Batch(items, list(sample_indices), captions, flipped, weights, keys, sizes.pop())
+        masks = partial(load_mask, self.cfg) if self.cfg.masks != "none" else None
+        return Batch(items, list(sample_indices), captions, flipped, weights, keys, sizes.pop(), masks)
 
     def counted_samples(self, sample_indices: Sequence[int]) -> int:
         """How many samples of a batch its mean loss divides by: those of weight > 0, at least 1.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, UnidentifiedImageError
 
 from trainer.data.buckets import BucketPlan, Size
+from trainer.data.masks import mask_problems
 from trainer.data.sources import ImageSource, Problem, Subset, list_images, resolve_subsets
 
 if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
@@ -169,6 +170,7 @@ def scan(cfg: DataConfig) -> ScanResult:
         problems.append(Problem("Every subset is a regularisation set (is_reg: true); add at least one subset of the images to learn."))
     items, reg_problems = _balance_reg(items)
     problems += reg_problems
+    problems += mask_problems(cfg, items)
     if not any(p.fatal for p in problems) and not any(not item.is_reg for item in items):
         problems.append(Problem("No training images were found. Check data.dir / data.subsets and the image formats (.png, .jpg, .jpeg, .webp, .bmp)."))
     return ScanResult(subsets, items, problems, plan, image_counts)

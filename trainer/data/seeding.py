@@ -16,9 +16,9 @@ T = TypeVar("T")
 
 
 def seed_of(*parts: object) -> int:
-    """A 63-bit seed for e.g. ``(seed, epoch, sample_index, "caption")``: independent streams per purpose."""
+    """A 64-bit seed for e.g. ``(seed, epoch, sample_index, "caption")``: independent streams per purpose."""
     digest = hashlib.sha256("/".join(str(part) for part in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return int.from_bytes(digest[:8], "big")
 
 
 def seeded_rng(*parts: object) -> random.Random:

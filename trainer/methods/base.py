@@ -27,7 +27,7 @@ class TrainingBatch:
     train.ip_noise_gamma perturbs it), the captions after the data's augmentation, each image's
     geometry, per-sample loss weights, and what the weighted sum of the per-sample losses is divided by:
     the number of samples that count in the whole batch, of which this process may train only a slice
-    (docs/distributed.md)."""
+    (docs/distributed.md); with data.masks, each sample's loss mask on the latent grid."""
 
     latents: torch.Tensor
     captions: list[str]
@@ -37,6 +37,7 @@ class TrainingBatch:
     timesteps: torch.Tensor
     loss_denominator: int
     input_noise: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,7 +164,7 @@ class TrainingMethod:
         noisy = objective.add_noise(batch.latents, batch.noise if batch.input_noise is None else batch.input_noise, batch.timesteps)
         prediction = self.model.predict(noisy, batch.timesteps, self.encode_text(batch.captions), batch.geometry)
         target = objective.target(batch.latents, batch.noise, batch.timesteps)
-        per_sample = objective.per_sample_loss(prediction, target, batch.timesteps)
+        per_sample = objective.per_sample_loss(prediction, target, batch.timesteps, batch.masks)
         return (per_sample * batch.loss_weights.to(per_sample.device)).sum() / batch.loss_denominator
 
     def after_optimizer_step(self) -> None:
