@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.captions import tag_frequency
+from trainer.data.hf_datasets import DATASET_ORIGIN
 from trainer.data.scan import Item, ScanResult, scan
 from trainer.data.sources import METADATA_NAME, Problem, is_image, parse_kohya_folder
 from trainer.errors import UserError
@@ -75,7 +76,12 @@ def _render(title: str, cfg: DataConfig, result: ScanResult, top_tags: int) -> s
                          str(sum(item.repeats for item in mine)), str(subset.dir)])
         lines += _table(rows)
         for subset in result.subsets:
-            source = f"metadata {subset.metadata_file}" if subset.metadata_file else f"'<image>{subset.caption_extension}' files"
+            if subset.origin == DATASET_ORIGIN:
+                source = f"column '{cfg.caption_column}' of the dataset" if cfg.caption_column else "nowhere (data.caption_column is null)"
+            elif subset.metadata_file:
+                source = f"metadata {subset.metadata_file}"
+            else:
+                source = f"'<image>{subset.caption_extension}' files"
             fallback = f', else {subset.fallback_source} "{subset.fallback_caption}"' if subset.fallback_caption else ""
             lines.append(f"  {subset.name}: captions from {source}{fallback}")
         train = sum(item.repeats for item in items if not item.is_reg)
