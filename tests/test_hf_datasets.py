@@ -23,7 +23,7 @@ from trainer.data.inspect import inspect_data
 from trainer.data.scan import scan
 from trainer.errors import UserError
 from trainer.loop import train
-from trainer.recipe import DataConfig, load_recipe
+from trainer.recipe import DataConfig, SubsetConfig, load_recipe
 
 FROG_FOLDER = REPO / "datasets" / "sls_frog" / "10_sls frog"
 RECIPE = REPO / "recipes" / "hf_dataset_lora.yaml"
@@ -211,3 +211,24 @@ def test_data_inspect_lists_the_rows_of_a_datasets_recipe(monkeypatch):
     assert "captions from column 'text' of the dataset" in report
     assert 'row 9   128x128  -> 128x128  x10  "sls frog"' in report
     assert "samples per epoch: 110 train" in report
+
+
+def test_data_inspect_reads_a_parquet_file_and_refuses_what_training_would(tmp_path, capsys):
+    assert main(["data", "inspect", str(make("parquet", tmp_path)), "--resolution", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "as data.source: datasets" in out and "row 10" in out and "Images (11 usable)" in out
+    frog_dataset().rename_column("text", "caption").to_parquet(str(tmp_path / "frogs.parquet"))
+    assert main(["data", "inspect", str(tmp_path / "frogs.parquet"), "--resolution", "64"]) == 2
+    assert "data.caption_column 'text' is not a column" in capsys.readouterr().err
+
+
+def test_folders_of_regularisation_images_join_a_dataset(tmp_path):
+    reg = SubsetConfig(dir=str(REPO / "datasets" / "tagged_example" / "5_tagged"), caption="a frog", is_reg=True)
+    data = TrainingData(dataset_config(make("parquet", tmp_path), subsets=[reg]), seed=1, batch_size=2)
+    assert [subset.name for subset in data.subsets] == ["frogs.parquet", "5_tagged"]
+    assert data.num_train_images == 110 and sum(item.repeats for item in data.items if item.is_reg) == 110  # balanced, as kohya does
+
+
+def test_kohya_export_refuses_a_datasets_recipe_by_name(tmp_path, capsys):
+    assert main(["export", "kohya", str(RECIPE), "-o", str(tmp_path / "kohya")]) == 2
+    assert "sd-scripts reads folders, not the Hugging Face dataset 'datasets/sls_frog.parquet'" in capsys.readouterr().err

@@ -95,6 +95,14 @@ class ImageRows:
         return first_line(text) if text is not None else None
 
 
+def is_saved_or_file(path: Path) -> bool:
+    """A .parquet/.arrow file or a save_to_disk folder: a dataset by its look alone (an imagefolder
+    looks like an image folder, which the folder source reads too)."""
+    if path.is_file():
+        return path.suffix in FILE_FORMATS
+    return any((path / marker).is_file() for marker in _SAVED_MARKERS)
+
+
 def _is_glob(spec: str) -> bool:
     return any(char in _GLOB_CHARACTERS for char in spec)
 
@@ -180,7 +188,7 @@ def _load_folder(folder: Path, wanted_split: str | None) -> tuple[pa.Table | lis
     """A save_to_disk folder or an imagefolder as its table; a folder of parquet/arrow files as its files."""
     import datasets
 
-    if any((folder / marker).is_file() for marker in _SAVED_MARKERS):
+    if is_saved_or_file(folder):
         return _arrow_table(datasets.load_from_disk(str(folder)), wanted_split, str(folder)), folder
     files = _data_files(folder, wanted_split)
     if files:
