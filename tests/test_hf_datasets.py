@@ -87,6 +87,11 @@ def make(kind: str, root: Path) -> Path:
         frog_dataset().select(range(5)).to_parquet(str(root / "shards" / "a.parquet"))
         frog_dataset().select(range(5, 11)).to_parquet(str(root / "shards" / "b.parquet"))
         return root / "shards" / "*.parquet"
+    if kind == "hub layout":  # a downloaded hub repository: one file per split, found by its name
+        (root / "repo" / "data").mkdir(parents=True)
+        frog_dataset().to_parquet(str(root / "repo" / "data" / "train-00000-of-00001.parquet"))
+        frog_dataset().select([0]).to_parquet(str(root / "repo" / "data" / "test-00000-of-00001.parquet"))
+        return root / "repo"
     if kind == "arrow":
         frog_dataset().save_to_disk(str(root / "saved"))
         (arrow,) = (root / "saved").glob("*.arrow")
@@ -103,17 +108,18 @@ def described(items) -> list[tuple]:
     return sorted((item.content_hash, item.caption, item.repeats, item.original_size, item.bucket, item.resized, item.crop_ltrb) for item in items)
 
 
-@pytest.mark.parametrize("kind", ["save_to_disk", "save_to_disk splits", "parquet", "parquet shards", "arrow", "metadata.jsonl", "metadata.csv"])
+@pytest.mark.parametrize("kind", ["save_to_disk", "save_to_disk splits", "parquet", "parquet shards", "hub layout", "arrow", "metadata.jsonl", "metadata.csv"])
 def test_rows_are_the_folders_images_captions_and_buckets(kind, tmp_path):
     folder = scan(DataConfig(dir=str(FROG_FOLDER.parent), **SMALL))
     rows = scan(dataset_config(make(kind, tmp_path)))
     assert not rows.problems
     assert len(rows.items) == 11 and [item.relative_path for item in rows.items] == [f"row {i}" for i in range(11)]
     assert described(rows.items) == described(folder.items)
-    # One pixel pipeline: a row and the file it came from give the same tensor.
+    # One pixel pipeline: a row and the file it came from give the same tensor, and share latent cache entries.
     by_hash = {item.content_hash: item for item in folder.items}
     for item in rows.items[:3]:
         assert torch.equal(load_pixels(item, flipped=True), load_pixels(by_hash[item.content_hash], flipped=True))
+        assert TrainingData.cache_key(item, True) == TrainingData.cache_key(by_hash[item.content_hash], True)
 
 
 def test_rows_are_decoded_only_when_a_batch_needs_them(tmp_path, monkeypatch):
