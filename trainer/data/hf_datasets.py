@@ -4,8 +4,9 @@
 a glob), an ``imagefolder`` folder (images with ``metadata.jsonl`` or ``metadata.csv``), or a hub id
 already in the local cache (sdtrain never downloads: the CLI sets ``HF_DATASETS_OFFLINE=1``).
 
-Nothing is decoded up front and no Arrow table is written: arrow files and ``save_to_disk`` folders stay
-memory-mapped, parquet files are read into memory as they are (the encoded image bytes), and each row's
+Nothing is decoded up front and the images are not copied: arrow files and ``save_to_disk`` folders stay
+memory-mapped, parquet files are read into memory as they are (the encoded image bytes), an imagefolder's
+images stay files (``datasets`` keeps a table of their names and captions in its cache), and each row's
 encoded bytes are read when the scan hashes them and when a batch needs the row's pixels
 (``dataset.load_pixels``). Mistakes become ``Problem``s, as in ``sources``.
 """
