@@ -42,7 +42,7 @@ def small_cfg(**kwargs) -> DataConfig:
 
 
 def by_name(data: TrainingData) -> dict:
-    return {item.path.name: item for item in data.items}
+    return {item.origin.name: item for item in data.items}
 
 
 # ---------------------------------------------------------------- discovery and captions from files
@@ -293,7 +293,7 @@ def test_pixels_rgb_on_white_flip_and_exif_rotation(tmp_path):
     assert items["rotated.jpg"].bucket == (64, 192)
 
     def samples_of(name):
-        index = [item.path.name for item in data.items].index(name)
+        index = [item.origin.name for item in data.items].index(name)
         start = sum(item.repeats for item in data.items[:index])
         return range(start, start + 50)
 
@@ -321,7 +321,7 @@ def test_odd_but_valid_images_become_the_rgb_they_show(tmp_path):
 
     data = TrainingData(small_cfg(dir=str(tmp_path)), seed=0, batch_size=1)
     # One repeat each: sample i is item i.
-    pixels = {item.path.name: data.load_batch([index], 0).pixel_values()[0] for index, item in enumerate(data.items)}
+    pixels = {item.origin.name: data.load_batch([index], 0).pixel_values()[0] for index, item in enumerate(data.items)}
 
     def level(value: int) -> float:
         return value / 127.5 - 1.0

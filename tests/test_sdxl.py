@@ -137,7 +137,7 @@ def test_image_geometry_is_the_crop_in_resized_and_flipped_coordinates(tmp_path)
     from trainer.data.scan import Item
 
     item = Item(
-        path=tmp_path / "a.png", relative_path="a.png", caption="", caption_source="none", subset="s", repeats=1, is_reg=False,
+        origin=tmp_path / "a.png", relative_path="a.png", caption="", caption_source="none", subset="s", repeats=1, is_reg=False,
         original_size=(300, 200), bucket=(128, 64), resized=(150, 100), crop_ltrb=(11, 18, 139, 82), ar_error=0.0, content_hash="x",
     )
     assert geometry_of(item, flipped=False) == ImageGeometry(original_size=(200, 300), crop_top_left=(18, 11), target_size=(64, 128))

@@ -184,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="look at a dataset before training")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     inspect = data_commands.add_parser("inspect", parents=[common], help="images, repeats, captions, buckets, tag frequencies and problems")
-    inspect.add_argument("target", help="a dataset folder or a recipe")
+    inspect.add_argument("target", help="a data folder, a .parquet/.arrow file or save_to_disk folder, or a recipe")
     inspect.add_argument("--resolution", type=int, help="training resolution to check buckets against (default: the recipe's, or 512 for a folder)")
     inspect.set_defaults(run=_inspect)
     convert = commands.add_parser(

@@ -1171,6 +1171,8 @@ def _export_subsets(recipe: Any) -> tuple[list[dict[str, Any]], list[str]]:
     [[datasets.subsets]], and notes on what sd-scripts will do differently."""
     from trainer.data.sources import resolve_subsets
 
+    if recipe.data.source == "datasets":
+        raise UserError(f"The recipe's data cannot be exported: sd-scripts reads folders, not the Hugging Face dataset '{recipe.data.dataset}' (data.source: datasets). Write its images and captions to a folder and set data.dir to it first.")
     resolved, problems = resolve_subsets(recipe.data)
     fatal = [problem.text() for problem in problems if problem.fatal]
     if fatal:

@@ -88,6 +88,18 @@ class DataConfig:
     dir: Optional[str] = None
     # Or an explicit list of subsets.
     subsets: list[SubsetConfig] = field(default_factory=list)
+    # "folder" (data.dir / data.subsets) or "datasets" (a Hugging Face dataset: data.dataset).
+    source: str = "folder"
+    # With source "datasets": a save_to_disk folder, parquet/arrow files (a file, a folder or a glob), an
+    # imagefolder folder (metadata.jsonl/metadata.csv) or a hub id already in the local cache.
+    dataset: Optional[str] = None
+    # The dataset's split; null: "train", or its only split.
+    split: Optional[str] = None
+    image_column: str = "image"
+    # null: the dataset has no captions (every caption is empty, before the trigger word).
+    caption_column: Optional[str] = "text"
+    # How often each dataset row is seen per epoch (a folder's repeats come from its name or its subset).
+    repeats: int = 1
     caption_extension: str = ".txt"
     # Unset: the model family's (SD1 512, SD2 768, SDXL 1024).
     resolution: Optional[int] = None

@@ -34,6 +34,11 @@ def read_caption_file(path: Path) -> str:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise CaptionEncodingError(f"byte 0x{data[err.start]:02x} at position {err.start} is not valid UTF-8") from None
+    return first_line(text)
+
+
+def first_line(text: str) -> str:
+    """A caption as kohya reads one: its first line, stripped."""
     lines = text.splitlines()
     return lines[0].strip() if lines else ""
 

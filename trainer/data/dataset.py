@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from trainer.data.buckets import Size
 from trainer.data.captions import process_caption, tag_frequency
 from trainer.data.masks import load_mask, mask_key
-from trainer.data.scan import Item, scan
+from trainer.data.scan import Item, describe, scan
 from trainer.data.seeding import seed_of, seeded_rng, stable_shuffle
 from trainer.data.sources import Problem
 from trainer.errors import UserError
@@ -86,17 +86,23 @@ def _rgb_on_white(image: Image.Image) -> Image.Image:
 
 
 def load_pixels(item: Item, flipped: bool) -> torch.Tensor:
-    """One image as a float32 [3, H, W] tensor in [-1, 1]: EXIF-rotated, RGB on white, scaled to cover
-    its bucket, centre-cropped, mirrored if ``flipped``."""
-    data = item.path.read_bytes()
+    """One image (a file or a dataset row: its encoded bytes) as a float32 [3, H, W] tensor in [-1, 1]:
+    EXIF-rotated, RGB on white, scaled to cover its bucket, centre-cropped, mirrored if ``flipped``."""
+    data = item.origin.read_bytes()
     if hashlib.sha256(data).hexdigest() != item.content_hash:
         # Its cache key still names the old bytes; carrying on would file new latents under it.
         raise UserError(
-            f"Image '{item.path}' changed on disk after training started. Restart (or resume) the run so the data "
+            f"{describe(item.origin)} changed on disk after training started. Restart (or resume) the run so the data "
             f"is scanned again; don't edit the dataset while a run is using it."
         )
-    with Image.open(io.BytesIO(data)) as opened:
-        image = _rgb_on_white(ImageOps.exif_transpose(opened))
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = _rgb_on_white(ImageOps.exif_transpose(opened))
+    except Exception as err:  # a dataset row's pixels are first decoded here (see scan._probe); PIL raises many types
+        raise UserError(
+            f"{describe(item.origin)} cannot be decoded ({type(err).__name__}: {err}). Re-export it (e.g. as PNG) or "
+            f"remove it from the dataset, then start the run again."
+        ) from None
     if image.size != item.resized:
         image = image.resize(item.resized, Image.Resampling.LANCZOS)
     image = image.crop(item.crop_ltrb)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.captions import tag_frequency
+from trainer.data.hf_datasets import DATASET_ORIGIN, is_saved_or_file
 from trainer.data.scan import Item, ScanResult, scan
 from trainer.data.sources import METADATA_NAME, Problem, is_image, parse_kohya_folder
 from trainer.errors import UserError
@@ -75,7 +76,12 @@ def _render(title: str, cfg: DataConfig, result: ScanResult, top_tags: int) -> s
                          str(sum(item.repeats for item in mine)), str(subset.dir)])
         lines += _table(rows)
         for subset in result.subsets:
-            source = f"metadata {subset.metadata_file}" if subset.metadata_file else f"'<image>{subset.caption_extension}' files"
+            if subset.origin == DATASET_ORIGIN:
+                source = f"column '{cfg.caption_column}' of the dataset" if cfg.caption_column else "nowhere (data.caption_column is null)"
+            elif subset.metadata_file:
+                source = f"metadata {subset.metadata_file}"
+            else:
+                source = f"'<image>{subset.caption_extension}' files"
             fallback = f', else {subset.fallback_source} "{subset.fallback_caption}"' if subset.fallback_caption else ""
             lines.append(f"  {subset.name}: captions from {source}{fallback}")
         train = sum(item.repeats for item in items if not item.is_reg)
@@ -144,11 +150,14 @@ def _refusal(fatal: list[Problem]) -> str | None:
 
 
 def inspect_data(target: str, *, resolution: int | None = None, top_tags: int = 20) -> Inspection:
-    """The report for a data folder or a recipe YAML. ``resolution`` overrides the recipe's, and
+    """The report for a data folder, a parquet/arrow file or save_to_disk folder, or a recipe YAML. ``resolution`` overrides the recipe's, and
     defaults to 512 for a folder (and to the model family's for a recipe that leaves it unset). Raises UserError only when the target itself cannot be read (or
     the recipe has a value that cannot train); problems of the data are in the report."""
     path = Path(target)
-    if path.is_dir():
+    if is_saved_or_file(path):
+        cfg = DataConfig(source="datasets", dataset=target, resolution=resolution or DEFAULT_RESOLUTION)
+        title = f"Dataset {path} (as data.source: datasets, columns '{cfg.image_column}' and '{cfg.caption_column}')"
+    elif path.is_dir():
         cfg, how = _folder_config(path, resolution or DEFAULT_RESOLUTION)
         title = f"Data folder {path} ({how})"
     elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
@@ -163,7 +172,7 @@ def inspect_data(target: str, *, resolution: int | None = None, top_tags: int = 
             cfg.resolution = family.default_resolution
             title += f" (resolution: the {family.title} default)"
     elif path.exists():
-        raise UserError(f"'{target}' is neither a folder nor a .yaml recipe. Pass a data folder or a recipe file to `sdtrain data inspect`.")
+        raise UserError(f"'{target}' is neither a folder, a .parquet/.arrow dataset nor a .yaml recipe. Pass a data folder, a dataset or a recipe file to `sdtrain data inspect`.")
     else:
         raise UserError(f"'{target}' does not exist. Pass a data folder or a recipe file to `sdtrain data inspect`.")
     result = scan(cfg)

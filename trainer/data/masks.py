@@ -9,6 +9,7 @@ is then its mask-weighted mean (trainer.diffusion.per_sample_loss). See docs/dat
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +47,7 @@ def _has_alpha(image: Image.Image) -> bool:
 def _mask_image(cfg: DataConfig, item: Item) -> Image.Image | None:
     """The mask as an 8-bit grey image the size of the displayed image (EXIF-rotated), or None: the whole image counts."""
     if cfg.masks == "alpha":
-        with Image.open(item.path) as opened:
+        with Image.open(io.BytesIO(item.origin.read_bytes())) as opened:
             image = ImageOps.exif_transpose(opened)
             return image.convert("RGBA").getchannel("A") if _has_alpha(image) else None
     with Image.open(mask_file(cfg, item)) as opened:
@@ -72,7 +73,7 @@ def load_mask(cfg: DataConfig, item: Item, flipped: bool) -> torch.Tensor:
         return torch.ones(1, height, width)
     if mask.size != item.original_size:
         raise UserError(
-            f"Mask '{mask_file(cfg, item)}' is {mask.size[0]}x{mask.size[1]} px but its image '{item.path}' is "
+            f"Mask '{mask_file(cfg, item)}' is {mask.size[0]}x{mask.size[1]} px but its image '{item.origin}' is "
             f"{item.original_size[0]}x{item.original_size[1]}: a mask must have its image's size. Re-export it."
         )
     if mask.size != item.resized:
@@ -98,15 +99,15 @@ def mask_problems(cfg: DataConfig, items: list[Item]) -> list[Problem]:
     missing, wrong_size, black, no_alpha = [], [], [], []
     for item in items:
         if cfg.masks == "dir" and mask_file(cfg, item) is None:
-            missing.append(str(item.path))
+            missing.append(str(item.origin))
             continue
         mask = _mask_image(cfg, item)
         if mask is None:
-            no_alpha.append(str(item.path))
+            no_alpha.append(str(item.origin))
         elif mask.size != item.original_size:
             wrong_size.append(f"{mask_file(cfg, item)} ({mask.size[0]}x{mask.size[1]}, image {item.original_size[0]}x{item.original_size[1]})")
         elif mask.getextrema()[1] == 0:
-            black.append(str(item.path))
+            black.append(str(item.origin))
     problems = []
     if missing:
         problems.append(Problem(f"data.masks is 'dir' but these images have no mask of the same name in data.mask_dir '{cfg.mask_dir}'; add one (white = learn), or set data.masks=none", files=tuple(missing)))

@@ -12,9 +12,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.data.captions import CaptionEncodingError, read_caption_file
+from trainer.data.captions import CaptionEncodingError, first_line, read_caption_file
 
 if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.data.hf_datasets import DatasetRow
     from trainer.recipe import DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -61,11 +62,11 @@ class Subset:
 
 @dataclass(frozen=True)
 class ImageSource:
-    path: Path
-    relative: str  # posix path inside the subset folder: stable across machines, used in fingerprints
+    origin: Path | DatasetRow  # where the image's bytes are: a file, or a row of a Hugging Face dataset
+    relative: str  # posix path inside the subset folder ("row 12" in a dataset): stable across machines, used in fingerprints
     subset: Subset
     caption: str
-    # "file", "metadata", "folder words", "subset caption", or "none" (empty caption).
+    # "file", "metadata", "dataset", "folder words", "subset caption", or "none" (empty caption).
     caption_source: str
 
 
@@ -219,7 +220,7 @@ def _read_metadata(path: Path) -> tuple[dict[Path, str | None], list[Problem]]:
         elif not is_image(image):
             problems.append(Problem(f"Metadata file {where} names '{row['file_name']}', which is not a {'/'.join(IMAGE_EXTENSIONS)} image. Convert it or remove the line."))
         else:
-            rows[image] = text.split("\n")[0].strip() if text is not None else None
+            rows[image] = first_line(text) if text is not None else None
     return rows, problems
 
 
