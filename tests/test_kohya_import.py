@@ -184,3 +184,22 @@ def test_existing_files_are_kept_without_overwrite(tmp_path, capsys):
     (out / "train.sh").write_text("mine\n")
     assert "--overwrite" in _fails(capsys, ["export", "kohya", str(REPO / "recipes" / "lycoris_loha.yaml"), "-o", str(out)])
     assert (out / "train.sh").read_text() == "mine\n"
+
+
+def test_loss_noise_mask_and_validation_options_are_carried(tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    line = tmp_path / "train.txt"
+    line.write_text(
+        f'accelerate launch train_network.py --pretrained_model_name_or_path=/m.safetensors --train_data_dir="{REPO / "datasets" / "sls_frog"}" '
+        f'--network_module=networks.lora --max_train_steps=10 --output_dir=out --loss_type=smooth_l1 --huber_schedule=exponential '
+        f'--huber_c=0.2 --min_timestep=100 --max_timestep=900 --ip_noise_gamma=0.05 --zero_terminal_snr --debiased_estimation_loss '
+        f'--masked_loss --conditioning_data_dir="{masks}" --validation_split=0.1 --validation_seed=3 --validate_every_n_steps=5\n',
+        encoding="utf-8",
+    )
+    recipe = load_recipe(import_kohya([line], tmp_path / "imported.yaml"))
+    train = recipe.train
+    assert (train.loss, train.huber_schedule, train.huber_c, train.timestep_range) == ("smooth_l1", "exponential", 0.2, [100, 900])
+    assert (train.ip_noise_gamma, train.zero_terminal_snr, train.debiased_estimation) == (0.05, True, True)
+    assert (recipe.data.masks, recipe.data.mask_dir) == ("dir", str(masks))
+    assert (recipe.validation.split, recipe.validation.seed, recipe.validation.every_steps) == (0.1, 3, 5)

@@ -246,6 +246,20 @@ def _caption_prefix(draft: Draft, name: str, value: Any) -> None:
     draft.set("data.trigger_word", word, f"kohya {name} (sdtrain skips captions that already start with it, and regularisation images)")
 
 
+def _switch(key: str, setting: str) -> Apply:
+    """A kohya flag that, when on, sets ``key`` to ``setting``."""
+
+    def apply(draft: Draft, name: str, value: Any) -> None:
+        if draft.flag(name, value):
+            draft.set(key, setting, f"kohya {name}")
+
+    return apply
+
+
+def _switch_export(key: str, setting: str, option: str) -> Export:
+    return lambda recipe: {option: True} if _get(recipe, key) == setting else {}
+
+
 def _cache(key: str, mode: str) -> Apply:
     def apply(draft: Draft, name: str, value: Any) -> None:
         if draft.flag(name, value) and draft.values.get(key) != "disk":
@@ -740,6 +754,12 @@ RULES: list[Rule] = [
     to("gradient_checkpointing", "train.gradient_checkpointing", bool),
     to("noise_offset", "train.noise_offset", float),
     to("min_snr_gamma", "train.min_snr_gamma", float),
+    Rule(("alpha_mask",), "data.masks", "true -> alpha", _switch("data.masks", "alpha"), _switch_export("data.masks", "alpha", "alpha_mask")),
+    Rule(("masked_loss",), "data.masks", "true -> dir (the masks in conditioning_data_dir)", _switch("data.masks", "dir"), _switch_export("data.masks", "dir", "masked_loss")),
+    to("conditioning_data_dir", "data.mask_dir", str, "copied (the mask folder of masked_loss)"),
+    to("validation_split", "validation.split", float),
+    to("validation_seed", "validation.seed", int),
+    to("validate_every_n_steps", "validation.every_steps", int),
     to("multires_noise_iterations", "train.multires_noise_iterations", int),
     to("multires_noise_discount", "train.multires_noise_discount", float),
     to("ip_noise_gamma", "train.ip_noise_gamma", float),
@@ -807,9 +827,9 @@ RULES: list[Rule] = [
             "base_weights_multiplier", "weights", "initial_epoch", "initial_step", "skip_until_initial_step"),
     dropped("sdtrain's checkpoints are always resumable: nothing to switch on", "save_state", "save_state_on_train_end", "save_n_epoch_ratio"),
     dropped(NO_FEATURE, "color_aug", "random_crop", "face_crop_aug_range", "caption_suffix", "caption_dropout_every_n_epochs", "keep_tokens_separator",
-            "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "weighted_captions", "alpha_mask", "masked_loss",
-            "custom_attributes", "conditioning_data_dir", "resize_interpolation", "network_multiplier", "in_json", "metadata_file", "dataset_repeats",
-            "dataset_class", "validation_split", "validation_seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+            "secondary_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "weighted_captions",
+            "custom_attributes", "resize_interpolation", "network_multiplier", "in_json", "metadata_file", "dataset_repeats",
+            "dataset_class", "validate_every_n_epochs", "max_validation_steps",
             "noise_offset_random_strength", "adaptive_noise_scale",
             "ip_noise_gamma_random_strength", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "perlin_noise", "weighting_scheme", "logit_mean", "logit_std",
             "mode_scale", "scale_weight_norms", "lr_scheduler_num_cycles", "lr_scheduler_power", "lr_scheduler_args", "lr_scheduler_type", "lr_decay_steps",
