@@ -71,3 +71,28 @@ def train_keeping_model(recipe, load=None, **train_kwargs):
         patch.setattr(loop, "load_recipe_model", load_and_keep)
         result = loop.train(recipe, show_progress=False, **train_kwargs)
     return result, models[0]
+
+
+def train_and_resume(recipe_path, tmp_path, settings: dict):
+    """Train ``settings`` (which must save at step 2) uninterrupted, and again resumed from the step-2
+    checkpoint alone; asserts the two end with the same trained tensors, bit for bit. Returns the
+    uninterrupted run's result."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.loop import train
+    from trainer.recipe import load_recipe
+
+    def run(out, resume=None):
+        return train(load_recipe(recipe_path, fast_overrides(out, **settings)), resume=resume, show_progress=False)
+
+    full = run(tmp_path / "full")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000002", resumed / "checkpoints" / "step-00000002")
+    run(resumed, resume="latest")
+    expected, actual = (load_file(resolve_checkpoint(out, "latest") / "trainable.safetensors") for out in (tmp_path / "full", resumed))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected)
+    return full

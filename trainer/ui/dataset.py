@@ -52,7 +52,7 @@ def open_dataset(root: Path, folder: str, resolution: int | None = None) -> dict
         "problems": [{"fatal": problem.fatal, "text": problem.text(max_files=None)} for problem in result.problems],
         "items": [
             {
-                "image": relative(root, item.path),
+                "image": relative(root, item.origin),
                 "name": item.relative_path,
                 "subset": item.subset,
                 "caption": item.caption,
@@ -163,6 +163,6 @@ def bulk_edit(root: Path, folder: str, operation: str, tag: str, new_tag: str = 
                 continue
             new = edited_caption(source.caption, cfg.tag_separator, operation, tag, new_tag, first)
             if new != source.caption:
-                write_caption(root, folder, relative(root, source.path), new, source.caption)
-                changed.append(relative(directory, source.path))
+                write_caption(root, folder, relative(root, source.origin), new, source.caption)
+                changed.append(relative(directory, source.origin))
     return {"changed": changed}

@@ -25,6 +25,7 @@ from trainer.examples import SOURCE_CHECKOUT, example_path
 from trainer.methods import METHODS
 from trainer.recipe import Recipe, is_plain_file_name, load_recipe, recipe_to_dict, recipe_to_yaml
 from trainer.ui.confine import inside, relative
+from trainer.resume import flatten
 
 SAVED_RECIPES = "recipes"
 _FIELD = re.compile(r"^(\w+)\s*:")
@@ -114,16 +115,6 @@ def recipe_path(root: Path, recipe_id: str) -> Path:
     raise UserError(f"'{recipe_id}' names no recipe; pick one from the list.")
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _as_text(field: dict, value) -> str:
     """How the form shows a value: what the user types for it."""
     if value is None:
@@ -160,7 +151,7 @@ def _override(field: dict, text: str) -> str:
 def form(root: Path, recipe_id: str) -> dict:
     """The form for a recipe: its sections (the shared ones and its method's), each key with its value."""
     recipe = load_recipe(recipe_path(root, recipe_id))
-    values = _flatten(recipe_to_dict(recipe))
+    values = flatten(recipe_to_dict(recipe))
     unused = {name for name in METHODS if name != recipe.method}
     fields = [
         {**field, "type": _type_name(field), "value": _as_text(field, values.get(field["key"]))}
