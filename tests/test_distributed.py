@@ -176,3 +176,25 @@ def test_resume_with_other_process_count_keeps_or_refuses_the_global_batch(runs,
     done = _train("lora", continued, 1, "--resume", "latest", **{"train.max_steps": STEPS + 1})
     assert "2 process(es) x train.batch_size 1 -> 1 x 2" in done.stdout + done.stderr
     assert (checkpoint_dir(continued, STEPS + 1) / "state.json").exists()
+
+
+def test_sharded_optimizer_trains_the_unsharded_weights_and_resumes_unsharded(runs):
+    """train.shard_optimizer (ZeRO stage 1): each process updates its share of the UNet with the same
+    elementwise AdamW on the same summed gradients, so the weights are the unsharded run's to the bit; the
+    checkpoint holds the whole optimizer state, so a resume without sharding continues it exactly."""
+    _, two = runs["dreambooth"]
+    sharded = two.parent / "sharded"
+    _train("dreambooth", sharded, 2, **{"train.shard_optimizer": True})
+    for name in ("trainable", "optimizer"):
+        expected, actual = _tensors(two, STEPS, name), _tensors(sharded, STEPS, name)
+        assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected), name
+    unsharded = two.parent / "resumed-unsharded"
+    subprocess.run(["cp", "-r", str(sharded), str(unsharded)], check=True)
+    for step in range(2, STEPS + 1):
+        subprocess.run(["rm", "-r", str(checkpoint_dir(unsharded, step))], check=True)
+    # As a kill after the step-1 checkpoint leaves it: no later checkpoints, no artifacts yet.
+    (unsharded / "sls_frog.safetensors").unlink()
+    subprocess.run(["rm", "-r", str(unsharded / "sls_frog_diffusers")], check=True)
+    _train("dreambooth", unsharded, 2, "--resume", "latest")
+    expected, actual = _tensors(two, STEPS, "trainable"), _tensors(unsharded, STEPS, "trainable")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)

@@ -135,6 +135,10 @@ def save_checkpoint(
     ``protect`` (validation.keep_best's) is never rotated away."""
     target = checkpoint_dir(output_dir, progress.step)
     rng_tensors, rng_plain = _gathered_rng_state(world)
+    sharded = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    if hasattr(sharded, "consolidate_state_dict"):
+        # train.shard_optimizer: each process holds a share of the state; the main process collects it all.
+        sharded.consolidate_state_dict(to=0)
     if not world.is_main:
         barrier(world)
         return target

@@ -219,11 +219,12 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         _data_changed(checkpoint, data, allow_data_change)
     method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
-    optimizer = build_optimizer(method.param_groups(), cfg)
+    optimizer = build_optimizer(method.param_groups(), cfg, world.processes)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
-    # process, ending the schedule early with several processes.
-    optimizer = accelerator.prepare(optimizer)
+    # process, ending the schedule early with several processes. No device placement: the state is empty
+    # now, a checkpoint's is placed by load_state_dict, and a sharded optimizer has no whole state to move.
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
 
     progress = Progress()
     if checkpoint:

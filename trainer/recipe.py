@@ -145,6 +145,8 @@ class TrainConfig:
     # "auto" = bf16 on a GPU that supports it, else fp16 on GPU, fp32 on CPU; or "no", "fp16", "bf16".
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
+    # With several processes: each keeps only its share of the optimizer state (ZeRO stage 1); not with prodigy.
+    shard_optimizer: bool = False
     noise_offset: float = 0.0
     # Multi-resolution (pyramid) noise: extra noise levels (0 = off; 6-10 is usual) and each level's weight factor.
     multires_noise_iterations: int = 0
@@ -387,6 +389,8 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         ("max_grad_norm", cfg.max_grad_norm >= 0, "it must be 0 (no clipping) or more (1.0 is usual)."),
         seed_rule("seed", cfg.seed),
         ("mixed_precision", cfg.mixed_precision in MIXED_PRECISIONS, one_of(cfg.mixed_precision, MIXED_PRECISIONS)),
+        ("shard_optimizer", not (cfg.shard_optimizer and cfg.optimizer == "prodigy"),
+         "prodigy estimates its step size from every parameter at once, which a share of them cannot. Use adamw, adamw8bit or adafactor, or set it to false."),
         ("noise_offset", 0 <= cfg.noise_offset < math.inf, "it must be 0 (off) or more (0.05 to 0.1 is usual)."),
         ("min_snr_gamma", cfg.min_snr_gamma is None or 0 <= cfg.min_snr_gamma < math.inf, "use null or 0 (off), or a positive gamma (5 is usual)."),
         ("multires_noise_iterations", cfg.multires_noise_iterations >= 0, "it must be 0 (off) or more (6 to 10 is usual)."),

@@ -21,13 +21,16 @@ from trainer.errors import UserError
 from trainer.methods import METHODS
 
 # Where, how often and in which format the run writes things, how it draws samples (in a forked RNG)
-# and measures the validation loss (no gradients, its own seeds): the trained weights do not depend on them. Gradient checkpointing recomputes activations
-# instead of storing them (restoring the RNG for dropout): the same computation, less memory.
+# and measures the validation loss (no gradients, its own seeds): the trained weights do not depend on
+# them. Gradient checkpointing recomputes activations instead of storing them (restoring the RNG for
+# dropout), and a sharded optimizer updates each share with the same elementwise computation: the same
+# result, less memory.
 NO_EFFECT = (
     "train.save_every_steps",
     "train.keep_checkpoints",
     "train.log_every_steps",
     "train.gradient_checkpointing",
+    "train.shard_optimizer",
     "sample.*",
     "hypernetwork.sample_strength",
     "output.*",
