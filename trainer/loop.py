@@ -49,6 +49,10 @@ class TrainResult:
     # Wall time of each optimizer step of this run (data, forward, backward, update; not checkpoints or
     # samples), for benchmarks.
     step_seconds: list[float] = field(default_factory=list)
+    # time.time() when this run's first optimizer step ended, for benchmarks' time to first step.
+    first_step_ended: float | None = None
+    # Floating-point operations of the step train(count_flops_of_step=...) named (trainer.bench).
+    step_flops: int | None = None
 
 
 def _mixed_precision(setting: str) -> str:
@@ -114,6 +118,38 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     return trainable
 
 
+class _StepFlops:
+    """Counts the floating-point operations of one optimizer step with torch's FlopCounterMode (matmuls,
+    convolutions and attention, forward and backward; element-wise ops count as none). The counting
+    slows that step down, so benchmarks count a step they do not time."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+        self.mode = None
+
+    def start(self, step: int) -> None:
+        if step == self.step:
+            from torch.utils import flop_counter
+
+            aten = torch.ops.aten
+            # CPU attention is its own op, which FlopCounterMode does not know: the same formulas as CUDA's.
+            cpu_attention = {
+                aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    lambda grad, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+            }
+            self.mode = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
+            self.mode.__enter__()
+
+    def stop(self) -> int | None:
+        """The count, when the step just ended was the counted one."""
+        if self.mode is None:
+            return None
+        self.mode.__exit__(None, None, None)
+        total, self.mode = self.mode.get_total_flops(), None
+        return total
+
+
 def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
     later = [path.name for found, path in complete_checkpoints(output_dir) if found > step]
     if later:
@@ -137,12 +173,16 @@ def _data_changed(checkpoint, data, allow_data_change: bool) -> None:
     print(f"warning: the training data changed since the checkpoint; steps after {step} train on the new data, so the result will differ from an uninterrupted run.")
 
 
-def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False) -> TrainResult:
+def train(
+    recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False,
+    count_flops_of_step: int | None = None,
+) -> TrainResult:
     """Train ``recipe``; ``resume`` continues a checkpoint ('latest' or a folder).
 
     Without ``resume`` an earlier run in output.dir is refused, or with ``overwrite`` moved aside
     (trainer.run_folder). With it, recipe changes are checked against the checkpoint's (trainer.resume);
-    ``allow_data_change`` lets a resume continue on changed data.
+    ``allow_data_change`` lets a resume continue on changed data. ``count_flops_of_step`` (for benchmarks)
+    counts that optimizer step's floating-point operations into ``TrainResult.step_flops``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -273,6 +313,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     saved_step = checkpoint.progress.step if checkpoint else None
     checkpointed = {step for step, _ in complete_checkpoints(output_dir) if saved_step is not None and step <= saved_step}
     validated_step = None
+    step_flops = _StepFlops(count_flops_of_step)
 
     def validate() -> None:
         nonlocal validated_step
@@ -306,6 +347,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         while progress.batch_in_epoch < len(batches) and progress.step < cfg.max_steps:
             if progress.micro_step % accum == 0:
                 step_started = time.perf_counter()
+                step_flops.start(progress.step + 1)
             global_batch = batches[progress.batch_in_epoch]
             samples = world.slice_of(global_batch, cfg.batch_size)
             loss = None
@@ -347,6 +389,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
             method.after_optimizer_step()
             progress.step += 1
             result.step_seconds.append(time.perf_counter() - step_started)
+            result.first_step_ended = result.first_step_ended or time.time()
+            result.step_flops = step_flops.stop() or result.step_flops
             result.final_loss = step_loss
             if progress.step % max(cfg.log_every_steps, 1) == 0:
                 accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)
