@@ -19,7 +19,10 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 def build_optimizer(param_groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        # fused: one kernel over all parameters instead of a dozen element-wise ops per tensor; on CPU it ran
+        # the SD1.5 LoRA's update 3.4x faster than the default loop (docs/benchmarks.md). A run resumed from a
+        # checkpoint keeps the implementation it was written with (load_state_dict restores the group flags).
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise UserError("train.optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU. On CPU use train.optimizer=adamw.")
