@@ -150,6 +150,30 @@ class _StepFlops:
         return total
 
 
+def _encode_latents_ahead(data, cache, encode, world, progress: Progress, cfg, show_progress: bool) -> bool:
+    """Fill the latent cache before step 1 with what this process's coming steps will read, up to one
+    epoch ahead, under a progress bar: the first steps then run at their steady pace. One image at a
+    time, as the steps would (trainer.data.cache: a latent never depends on its batch), so training is
+    the same with or without this. True when every step of the run now finds its latents cached
+    (without data.flip each image has one entry, so one epoch covers a single process's whole run)."""
+    micro_steps = (cfg.max_steps - progress.step) * cfg.gradient_accumulation_steps
+    ahead = min(micro_steps, data.batches_per_epoch)
+    epoch, index, batches = progress.epoch, progress.batch_in_epoch, data.epoch_batches(progress.epoch)
+    wanted = {}  # cache key -> a batch of that one sample
+    for _ in range(ahead):
+        if index >= len(batches):
+            epoch, index = epoch + 1, 0
+            batches = data.epoch_batches(epoch)
+        for sample in world.slice_of(batches[index], cfg.batch_size):
+            single = data.load_batch([sample], epoch)
+            wanted.setdefault(single.cache_keys[0], single)
+        index += 1
+    missing = [single for key, single in wanted.items() if cache.get(key) is None]
+    for single in tqdm(missing, disable=not (show_progress and world.is_main and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
+        cache.latents(single, encode)
+    return ahead == micro_steps or (not data.cfg.flip and world.processes == 1)
+
+
 def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
     later = [path.name for found, path in complete_checkpoints(output_dir) if found > step]
     if later:
@@ -302,6 +326,8 @@ def train(
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
+    if recipe.data.cache_latents != "none":
+        _encode_latents_ahead(data, cache, encode_mean, world, progress, cfg, show_progress)
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
