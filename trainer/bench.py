@@ -5,8 +5,8 @@ so its peak memory is its own: the process's peak resident set size on CPU, the 
 ``torch.cuda.max_memory_allocated`` on CUDA. The process runs the ordinary ``trainer.loop.train`` on a
 recipe (by default ``recipes/sls_frog_lora.yaml``, a rank-8 LoRA) whose data is replaced by one image
 of ``datasets/sls_frog`` repeated ``batch_size`` times: every epoch is then the same single batch, so
-with the cache on, the warm-up step encodes it and every timed step reads cached latents, which is the
-steady state of a real run after its first epoch. Sampling, TensorBoard and periodic checkpoints are
+with the cache on, it is encoded before step 1 (trainer.loop._encode_latents_ahead) and every step reads
+cached latents, the steady state of a real run. Sampling, TensorBoard and periodic checkpoints are
 off; the time of each optimizer step comes from ``TrainResult.step_seconds``. With ``--processes N``
 the configuration runs as N processes (trainer.distributed), each with a batch of ``batch_size``; the
 main process's step times and memory are reported.
@@ -313,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "random:sd1"], metavar="BASE",
                         help="model.base values to measure: tiny, tiny-sdxl, random:sd1 or random:sdxl (SD1.5's or SDXL's size, random weights), a diffusers folder, a .safetensors file (default: tiny random:sd1)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the first fills the latent cache (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the last one's FLOPs are counted (default 1; 0: no FLOP columns)")
     parser.add_argument("--resolution", type=int, default=256, help="training resolution in px, a multiple of 64 (default 256)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     parser.add_argument("--cache", choices=("on", "off", "both"), default="both", help="latent caching (default both)")
