@@ -97,9 +97,8 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     (mixed precision's master weights)."""
     for name, part in model.parts().items():
         dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
-        part.to(device)
-        if part.dtype != dtype:
-            part.to(dtype=dtype)
+        # One call: each tensor is converted on its way, so a GPU never holds the fp32 copy of a bf16 part.
+        part.to(device=device, dtype=dtype)
         part.eval()
     trainable = []
     for module in method.trainable_modules().values():
