@@ -7,6 +7,8 @@ still equals an uninterrupted one (tests/test_resume.py runs that with the defau
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -88,3 +90,47 @@ def test_a_checkpoint_resumes_with_the_adamw_it_was_written_with(fused):
     resumed = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], fused=True)
     resumed.load_state_dict(written.state_dict())
     assert resumed.param_groups[0]["fused"] is fused
+
+
+def _paged_out(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s bytes lie in a mapped file page_out wrote (Linux: /proc/self/maps), not in memory."""
+    address = tensor.untyped_storage().data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *_, name = line.split(maxsplit=5) + [""]
+        start, end = (int(value, 16) for value in span.split("-"))
+        if start <= address < end:
+            return ".paged-" in line
+    return False
+
+
+@pytest.fixture
+def loaded_models(monkeypatch):
+    models = []
+    load = loop.load_recipe_model
+
+    def keep(*args, **kwargs):
+        models.append(load(*args, **kwargs))
+        return models[-1]
+
+    monkeypatch.setattr(loop, "load_recipe_model", keep)
+    return models
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_vae_halves_training_never_runs_leave_memory_with_their_values_kept(tmp_path, loaded_models):
+    from trainer.models.loading import load_recipe_model
+
+    original = load_recipe_model(_recipe(tmp_path / "x").model).vae.state_dict()
+    train(_recipe(tmp_path / "no_samples"), show_progress=False)
+    vae = loaded_models[-1].vae
+    # No samples and every latent cached: neither half runs again, and both are paged out unchanged.
+    assert _paged_out(vae.decoder.conv_in.weight) and _paged_out(vae.encoder.conv_in.weight)
+    assert all(torch.equal(original[key], value) for key, value in vae.state_dict().items())
+    assert not list(tmp_path.glob("no_samples/.paged-*"))  # the file is unlinked once mapped
+
+    with_samples = _recipe(tmp_path / "samples", **{"sample.prompts": '["sls frog"]', "sample.steps": 2, "validation.split": 0.2})
+    result = train(with_samples, show_progress=False)
+    vae = loaded_models[-1].vae
+    # Samples decode and validation encodes: both halves stay in memory, and the sample is drawn.
+    assert not _paged_out(vae.decoder.conv_in.weight) and not _paged_out(vae.encoder.conv_in.weight)
+    assert len(result.samples) == 1 and result.samples[0].is_file()

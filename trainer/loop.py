@@ -25,6 +25,7 @@ from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
+from trainer.models.base_model import page_out
 from trainer.models.loading import load_recipe_model, locate_base
 from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -171,6 +172,19 @@ def _encode_latents_ahead(data, cache, encode, world, progress: Progress, cfg, s
     for single in tqdm(missing, disable=not (show_progress and world.is_main and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
         cache.latents(single, encode)
     return ahead == micro_steps or (not data.cfg.flip and world.processes == 1)
+
+
+def _page_out_unused_vae(model, recipe: Recipe, every_latent_cached: bool, validating: bool, directory: Path) -> None:
+    """Out of memory, the VAE halves no step runs: the decoder when no samples are drawn, the encoder
+    once every latent the run reads is cached and no validation encodes. Paged out, not deleted: their
+    values stay, so a method that ships the whole model exports them unchanged (base_model.page_out)."""
+    vae = model.vae
+    unused = []
+    if not recipe.sample.prompts:
+        unused += [vae.decoder, getattr(vae, "post_quant_conv", None)]
+    if every_latent_cached and not validating:
+        unused += [vae.encoder, getattr(vae, "quant_conv", None)]
+    page_out([module for module in unused if module is not None], directory)
 
 
 def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
@@ -325,8 +339,8 @@ def train(
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
-    if recipe.data.cache_latents != "none":
-        _encode_latents_ahead(data, cache, encode_mean, world, progress, cfg, show_progress)
+    every_latent_cached = recipe.data.cache_latents != "none" and _encode_latents_ahead(data, cache, encode_mean, world, progress, cfg, show_progress)
+    _page_out_unused_vae(model, recipe, every_latent_cached, validator is not None, output_dir)
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
