@@ -56,7 +56,7 @@ def test_latents_are_encoded_before_step_one_and_training_is_unchanged(tmp_path,
     assert events.count("predict") == STEPS
 
     events.clear()
-    monkeypatch.setattr(loop, "_encode_latents_ahead", lambda *args: True)  # as before: encoded when first met
+    monkeypatch.setattr(loop, "_encode_latents_ahead", lambda *args: None)  # as before: encoded when first met
     when_met = train(_recipe(tmp_path / "when_met"), show_progress=False)
     assert events.count("encode") == encoded and events.count("predict") == STEPS
 
@@ -134,3 +134,16 @@ def test_vae_halves_training_never_runs_leave_memory_with_their_values_kept(tmp_
     # Samples decode and validation encodes: both halves stay in memory, and the sample is drawn.
     assert not _paged_out(vae.decoder.conv_in.weight) and not _paged_out(vae.encoder.conv_in.weight)
     assert len(result.samples) == 1 and result.samples[0].is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_cached_captions_are_encoded_before_step_one_and_the_text_encoder_leaves_memory(tmp_path, monkeypatch, loaded_models):
+    events = _events(monkeypatch)
+    encode_text = BaseModel.encode_text
+    monkeypatch.setattr(BaseModel, "encode_text", lambda self, *args: events.append("text") or encode_text(self, *args))
+    train(_recipe(tmp_path / "run", **{"data.cache_text_encoder_outputs": "memory"}), show_progress=False)
+    # Every caption is encoded (once) before the UNet first runs; the steps read them all from the cache.
+    first_predict = events.index("predict")
+    assert "text" in events[:first_predict] and "text" not in events[first_predict:]
+    (text_encoder,) = loaded_models[-1].text_encoder_modules().values()
+    assert all(_paged_out(param) for param in text_encoder.parameters())

@@ -150,40 +150,54 @@ class _StepFlops:
         return total
 
 
-def _encode_latents_ahead(data, cache, encode, world, progress: Progress, cfg, show_progress: bool) -> bool:
-    """Fill the latent cache before step 1 with what this process's coming steps will read, up to one
-    epoch ahead, under a progress bar: the first steps then run at their steady pace. One image at a
-    time, as the steps would (trainer.data.cache: a latent never depends on its batch), so training is
-    the same with or without this. True when every step of the run now finds its latents cached
-    (without data.flip each image has one entry, so one epoch covers a single process's whole run)."""
+def _coming_samples(data, world, progress: Progress, cfg) -> tuple[list, bool]:
+    """This process's samples of the coming steps, each as a batch of one, up to the end of the next whole
+    epoch; and whether that is every step left in the run (else it holds at least one whole epoch)."""
     micro_steps = (cfg.max_steps - progress.step) * cfg.gradient_accumulation_steps
-    ahead = min(micro_steps, data.batches_per_epoch)
     epoch, index, batches = progress.epoch, progress.batch_in_epoch, data.epoch_batches(progress.epoch)
-    wanted = {}  # cache key -> a batch of that one sample
+    ahead = min(micro_steps, len(batches) - index + (data.batches_per_epoch if index else 0))
+    singles = []
     for _ in range(ahead):
         if index >= len(batches):
             epoch, index = epoch + 1, 0
             batches = data.epoch_batches(epoch)
-        for sample in world.slice_of(batches[index], cfg.batch_size):
-            single = data.load_batch([sample], epoch)
-            wanted.setdefault(single.cache_keys[0], single)
+        singles += [data.load_batch([sample], epoch) for sample in world.slice_of(batches[index], cfg.batch_size)]
         index += 1
+    return singles, ahead == micro_steps
+
+
+def _encode_latents_ahead(singles: list, cache, encode, show_progress: bool) -> None:
+    """Fill the latent cache before step 1, under a progress bar, so the first steps run at their steady
+    pace. One image at a time, as the steps would (trainer.data.cache: a latent never depends on its
+    batch), so training is the same with or without this."""
+    wanted = {single.cache_keys[0]: single for single in singles}
     missing = [single for key, single in wanted.items() if cache.get(key) is None]
-    for single in tqdm(missing, disable=not (show_progress and world.is_main and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
+    for single in tqdm(missing, disable=not (show_progress and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
         cache.latents(single, encode)
-    return ahead == micro_steps or (not data.cfg.flip and world.processes == 1)
 
 
-def _page_out_unused_vae(model, recipe: Recipe, every_latent_cached: bool, validating: bool, directory: Path) -> None:
-    """Out of memory, the VAE halves no step runs: the decoder when no samples are drawn, the encoder
-    once every latent the run reads is cached and no validation encodes. Paged out, not deleted: their
-    values stay, so a method that ships the whole model exports them unchanged (base_model.page_out)."""
+def _encode_captions_ahead(singles: list, method, autocast, show_progress: bool) -> None:
+    """The same for the text encoder outputs (data.cache_text_encoder_outputs), one caption at a time, in
+    the autocast the steps use."""
+    captions = list(dict.fromkeys(single.captions[0] for single in singles))
+    with autocast():
+        for caption in tqdm(captions, disable=not show_progress, desc="Caching captions", unit="caption", dynamic_ncols=True):
+            method.encode_text([caption])
+
+
+def _page_out_unused(model, recipe: Recipe, every_latent_cached: bool, every_caption_cached: bool, validating: bool, directory: Path) -> None:
+    """Out of memory, the frozen parts no step runs: the VAE decoder when no samples are drawn; once
+    every latent, or caption, the run reads is cached and nothing samples or validates, the VAE encoder,
+    or the text encoders. Paged out, not deleted: their values stay, so a method that ships the whole
+    model exports them unchanged, and a step that did need one would read it back (base_model.page_out)."""
     vae = model.vae
     unused = []
     if not recipe.sample.prompts:
         unused += [vae.decoder, getattr(vae, "post_quant_conv", None)]
-    if every_latent_cached and not validating:
-        unused += [vae.encoder, getattr(vae, "quant_conv", None)]
+        if every_latent_cached and not validating:
+            unused += [vae.encoder, getattr(vae, "quant_conv", None)]
+        if every_caption_cached and not validating:
+            unused += list(model.text_encoder_modules().values())
     page_out([module for module in unused if module is not None], directory)
 
 
@@ -339,8 +353,19 @@ def train(
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
-    every_latent_cached = recipe.data.cache_latents != "none" and _encode_latents_ahead(data, cache, encode_mean, world, progress, cfg, show_progress)
-    _page_out_unused_vae(model, recipe, every_latent_cached, validator is not None, output_dir)
+    # Every entry the run reads is cached once the walk covers the rest of the run, or one whole epoch
+    # whose entries repeat in every later one (one process; no flips, or no random caption changes).
+    singles, whole_run = _coming_samples(data, world, progress, cfg) if recipe.data.cache_latents != "none" or text_mode != "none" else ([], False)
+    repeats = world.processes == 1
+    fixed_captions = not (recipe.data.shuffle_tags or recipe.data.caption_dropout > 0 or recipe.data.tag_dropout > 0)
+    if recipe.data.cache_latents != "none":
+        _encode_latents_ahead(singles, cache, encode_mean, show_progress and world.is_main)
+    if text_mode != "none":
+        _encode_captions_ahead(singles, method, accelerator.autocast, show_progress and world.is_main)
+    _page_out_unused(
+        model, recipe, recipe.data.cache_latents != "none" and (whole_run or (repeats and not recipe.data.flip)),
+        text_mode != "none" and (whole_run or (repeats and fixed_captions)), validator is not None, output_dir,
+    )
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
