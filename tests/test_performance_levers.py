@@ -96,8 +96,7 @@ def _paged_out(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s bytes lie in a mapped file page_out wrote (Linux: /proc/self/maps), not in memory."""
     address = tensor.untyped_storage().data_ptr()
     for line in Path("/proc/self/maps").read_text().splitlines():
-        span, *_, name = line.split(maxsplit=5) + [""]
-        start, end = (int(value, 16) for value in span.split("-"))
+        start, end = (int(value, 16) for value in line.split(maxsplit=1)[0].split("-"))
         if start <= address < end:
             return ".paged-" in line
     return False
@@ -147,3 +146,16 @@ def test_cached_captions_are_encoded_before_step_one_and_the_text_encoder_leaves
     assert "text" in events[:first_predict] and "text" not in events[first_predict:]
     (text_encoder,) = loaded_models[-1].text_encoder_modules().values()
     assert all(_paged_out(param) for param in text_encoder.parameters())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_paging_out_is_only_a_saving(tmp_path):
+    from trainer.models.base_model import page_out
+
+    layer = torch.nn.Linear(64, 64)
+    weight = layer.weight.detach().clone()
+    (tmp_path / "a file").write_text("")
+    page_out([layer], tmp_path / "a file" / "no folder here")  # cannot be written: stays in memory
+    assert not _paged_out(layer.weight) and torch.equal(layer.weight, weight)
+    page_out([layer], tmp_path)
+    assert _paged_out(layer.weight) and torch.equal(layer.weight, weight) and not list(tmp_path.glob(".paged-*"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,23 +135,27 @@ def page_out(modules: list[nn.Module], directory: Path) -> None:
     drawn): their memory is returned, yet every value stays exactly where it was, so whatever still
     reads them (a full model's export, a later encode) gets the same numbers from the page cache or the
     disk. The file is a private mapping of a temporary file in ``directory``, unlinked at once; a GPU
-    part is moved to the CPU first.
+    part is moved to the CPU first. Only a saving: where the file cannot be written (a full disk) or
+    mapped while open (Windows), the parts simply stay in memory.
     """
     tensors = [t for module in modules for t in itertools.chain(module.parameters(), module.buffers())]
-    if not tensors:
+    if not tensors or os.name == "nt":
         return
-    directory.mkdir(parents=True, exist_ok=True)
     offsets, size = [], 0
     for tensor in tensors:
         offsets.append(size)
         size += -(-tensor.numel() * tensor.element_size() // _PAGE_ALIGNMENT) * _PAGE_ALIGNMENT
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".paged-", suffix=".bin") as handle:
-        for tensor, offset in zip(tensors, offsets):
-            handle.seek(offset)
-            handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        handle.truncate(size)
-        handle.flush()
-        mapped = torch.from_file(handle.name, shared=False, size=size, dtype=torch.uint8)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".paged-", suffix=".bin") as handle:
+            for tensor, offset in zip(tensors, offsets):
+                handle.seek(offset)
+                handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            handle.truncate(size)
+            handle.flush()
+            mapped = torch.from_file(handle.name, shared=False, size=size, dtype=torch.uint8)
+    except (OSError, RuntimeError):  # torch reports a failed mapping as RuntimeError
+        return
     with torch.no_grad():
         for tensor, offset in zip(tensors, offsets):
             nbytes = tensor.numel() * tensor.element_size()
