@@ -18,7 +18,10 @@ from trainer.bench import Configuration, Measurement, main, measure, run_bench
 from trainer.errors import UserError
 from trainer.loop import TrainResult
 
-COLUMNS = ["model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory"]
+COLUMNS = [
+    "model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory",
+    "first step", "end to end", "GFLOP/step", "of ceiling",
+]
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -46,8 +49,13 @@ def test_bench_measures_each_configuration_in_its_own_process_and_reports_failur
         assert 0 < float(row[7]) * timed_steps < elapsed
         amount, unit, kind = row[8].split()
         assert float(amount) > 0.1 and unit == "GiB" and kind in ("RSS", "CUDA")
+        # Launch to step 1 comes before launch to the LoRA written, and both happened inside this command.
+        first_step, end_to_end = (float(cell.removesuffix(" s")) for cell in row[9:11])
+        assert 0 < first_step < end_to_end < elapsed
+        # A UNet step multiplies matrices; the ceiling fraction is a percentage of a measured rate.
+        assert float(row[11]) > 0 and float(row[12].removesuffix(" %")) > 0
     assert "device: " in captured.out
-    assert [row[0] for row in (unknown, unknown_two)] == ["random:sd9"] * 2 and unknown[6:] == unknown_two[6:] == ["failed", "-", "-"]
+    assert [row[0] for row in (unknown, unknown_two)] == ["random:sd9"] * 2 and unknown[6:] == unknown_two[6:] == ["failed"] + ["-"] * 6
     # The child's error says what would have worked.
     assert "random:sd1" in captured.out.split("Failed configurations:")[1]
     # Progress goes to stderr, one line per configuration as it finishes.
@@ -57,18 +65,28 @@ def test_bench_measures_each_configuration_in_its_own_process_and_reports_failur
 def test_a_configuration_trains_its_settings_and_times_only_the_steps_after_warm_up(tmp_path, monkeypatch):
     trained = []
 
-    def fake_train(recipe, show_progress):
-        trained.append(recipe)
-        return TrainResult(output_dir=Path(recipe.output.dir), artifacts=[], step_seconds=[30.0, 0.5, 1.5, 1.0])
+    launched = time.time() - 100.0
+
+    def fake_train(recipe, show_progress, count_flops_of_step):
+        trained.append((recipe, count_flops_of_step))
+        return TrainResult(
+            output_dir=Path(recipe.output.dir), artifacts=[], step_seconds=[30.0, 0.5, 1.5, 1.0], first_step_ended=launched + 40.0, step_flops=5 * 10**9,
+        )
 
     monkeypatch.setattr("trainer.loop.train", fake_train)
+    monkeypatch.setattr(bench, "matmul_flops_per_second", lambda: 10e9)
     config = Configuration(
         model="tiny", recipe=str(bench.DEFAULT_RECIPE), dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
-        resolution=128, batch_size=3, cache_latents=True, gradient_checkpointing=True, warmup_steps=1, timed_steps=3,
+        resolution=128, batch_size=3, cache_latents=True, gradient_checkpointing=True, warmup_steps=1, timed_steps=3, launched_at=launched,
     )
     measurement = measure(config)
     assert measurement.seconds_per_step == pytest.approx(1.0)  # the mean of 0.5, 1.5 and 1.0: not the warm-up's 30 s
-    (recipe,) = trained
+    # Counted from the launch, not from when training began; the end after all 100 s that passed since.
+    assert measurement.first_step_seconds == pytest.approx(40.0) and measurement.end_to_end_seconds >= 100.0
+    # The FLOPs of the (untimed) warm-up step at the timed steps' pace: 5 GFLOP per 1.0 s of a 10 GFLOP/s ceiling.
+    assert measurement.ceiling_fraction == pytest.approx(0.5)
+    ((recipe, counted_step),) = trained
+    assert counted_step == 1
     assert (recipe.model.base, recipe.data.dir, recipe.data.subsets, recipe.output.dir) == ("tiny", config.dataset, [], config.output_dir)
     assert (recipe.data.resolution, recipe.data.buckets.max_side, recipe.train.batch_size, recipe.train.max_steps) == (128, 128, 3, 4)
     assert recipe.data.cache_latents == "memory" and recipe.train.gradient_checkpointing
@@ -82,21 +100,22 @@ def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
         (False, False): Measurement(0.25, 3 * gib, "RSS", "CPU: test"),
         (False, True): "RuntimeError: not enough memory",
         (True, False): Measurement(0.5, gib, "RSS", "CPU: test"),
-        (True, True): Measurement(2.0, gib // 2, "RSS", "CPU: test"),
+        (True, True): Measurement(2.0, gib // 2, "RSS", "CPU: test", 9.5, 61.25, 3 * 10**9, 6e9),
     }
     monkeypatch.setattr(bench, "_measure_in_subprocess", lambda config, path: outcomes[config.cache_latents, config.gradient_checkpointing])
     table = run_bench(["tiny"], steps=3, resolution=64, log=lambda _: None)
     header, _, *rows = _rows(table)
     assert header == COLUMNS
     assert {(row[4], row[5]): row[6:] for row in rows} == {
-        ("off", "off"): ["4.000", "0.250", "3.00 GiB RSS"],
-        ("off", "on"): ["failed", "-", "-"],
-        ("on", "off"): ["2.000", "0.500", "1.00 GiB RSS"],
-        ("on", "on"): ["0.500", "2.000", "0.50 GiB RSS"],
+        ("off", "off"): ["4.000", "0.250", "3.00 GiB RSS", "-", "-", "-", "-"],  # nothing but the step time measured
+        ("off", "on"): ["failed"] + ["-"] * 6,
+        ("on", "off"): ["2.000", "0.500", "1.00 GiB RSS", "-", "-", "-", "-"],
+        # 3 GFLOP in 2 s of a 6 GFLOP/s ceiling: 25 %.
+        ("on", "on"): ["0.500", "2.000", "0.50 GiB RSS", "9.5 s", "61.2 s", "3.0", "25 %"],
     }
     failures = table.split("Failed configurations:\n")[1]
     assert "cache: off  grad ckpt: on" in failures and "RuntimeError: not enough memory" in failures
-    assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table
+    assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table and "6.0 GFLOP/s" in table
 
 
 def test_resolution_must_be_a_bucket_size():

@@ -5,11 +5,18 @@ so its peak memory is its own: the process's peak resident set size on CPU, the 
 ``torch.cuda.max_memory_allocated`` on CUDA. The process runs the ordinary ``trainer.loop.train`` on a
 recipe (by default ``recipes/sls_frog_lora.yaml``, a rank-8 LoRA) whose data is replaced by one image
 of ``datasets/sls_frog`` repeated ``batch_size`` times: every epoch is then the same single batch, so
-with the cache on, the warm-up step encodes it and every timed step reads cached latents, which is the
-steady state of a real run after its first epoch. Sampling, TensorBoard and periodic checkpoints are
+with the cache on, it is encoded before step 1 (trainer.loop._encode_latents_ahead) and every step reads
+cached latents, the steady state of a real run. Sampling, TensorBoard and periodic checkpoints are
 off; the time of each optimizer step comes from ``TrainResult.step_seconds``. With ``--processes N``
 the configuration runs as N processes (trainer.distributed), each with a batch of ``batch_size``; the
 main process's step times and memory are reported.
+
+Beside the steady state, each row shows how soon the command gets going: the time from launching the
+process to the end of optimizer step 1 (imports, model loading, latent encoding, the step) and to the
+LoRA written. And how close each step comes to the machine's limit: the last warm-up step runs under
+torch's FlopCounterMode (trainer.loop._StepFlops), and after training the same process times a large
+fp32 matmul on the same threads; the step's FLOPs over its mean time, divided by that matmul's rate,
+is the fraction of the matmul ceiling the step achieves.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +39,13 @@ from trainer.examples import example_path
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = example_path("recipes", "sls_frog_lora.yaml")
 BENCH_IMAGE = example_path("datasets", "sls_frog", "10_sls frog", "01.png")
-COLUMNS = ("model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory")
+COLUMNS = (
+    "model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory",
+    "first step", "end to end", "GFLOP/step", "of ceiling",
+)
+# The matmul that measures the ceiling: large enough that its rate is the machine's, not the call overhead's.
+CEILING_MATMUL_SIZE = 2048
+CEILING_REPEATS = 3
 # Buckets come in steps of 64 px: other resolutions would train at a smaller size than the table says.
 RESOLUTION_STEP = 64
 _FAILURE_LINES = 5
@@ -50,6 +64,9 @@ class Configuration:
     warmup_steps: int
     timed_steps: int
     processes: int = 1
+    # time.time() when the process (the launcher's, with several) was started; the time to first step and
+    # end to end count from there. None: from when measure() is called.
+    launched_at: float | None = None
 
     def overrides(self) -> list[str]:
         values = {
@@ -80,6 +97,16 @@ class Measurement:
     peak_memory_bytes: int
     memory_kind: str  # "RSS" (CPU) or "CUDA" (torch.cuda.max_memory_allocated)
     device: str
+    first_step_seconds: float | None = None  # launch to the end of optimizer step 1
+    end_to_end_seconds: float | None = None  # launch to the artifacts written
+    step_flops: int | None = None  # of the last warm-up step; None without warm-up
+    ceiling_flops_per_second: float | None = None  # a large fp32 matmul's rate on the same threads
+
+    @property
+    def ceiling_fraction(self) -> float | None:
+        if not self.step_flops or not self.ceiling_flops_per_second:
+            return None
+        return self.step_flops / self.seconds_per_step / self.ceiling_flops_per_second
 
 
 def _device_name() -> str:
@@ -102,15 +129,40 @@ def _peak_memory() -> tuple[int, str]:
     return (peak if sys.platform == "darwin" else peak * 1024), "RSS"
 
 
+def matmul_flops_per_second(size: int = CEILING_MATMUL_SIZE, repeats: int = CEILING_REPEATS) -> float:
+    """The best rate of a ``size``-square fp32 matmul (2 size³ FLOPs) on the training device and threads."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call pays for allocation and kernel selection
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
 def measure(config: Configuration) -> Measurement:
     """Train one configuration in this process; the step time is the mean over the timed steps."""
+    launched = config.launched_at or time.time()
     from trainer.loop import train
     from trainer.recipe import load_recipe
 
-    result = train(load_recipe(config.recipe, config.overrides()), show_progress=False)
+    recipe = load_recipe(config.recipe, config.overrides())
+    result = train(recipe, show_progress=False, count_flops_of_step=config.warmup_steps or None)
+    finished = time.time()
     timed = result.step_seconds[config.warmup_steps:]
     peak, kind = _peak_memory()
-    return Measurement(sum(timed) / len(timed), peak, kind, _device_name())
+    return Measurement(
+        sum(timed) / len(timed), peak, kind, _device_name(),
+        first_step_seconds=result.first_step_ended - launched if result.first_step_ended else None,
+        end_to_end_seconds=finished - launched, step_flops=result.step_flops, ceiling_flops_per_second=matmul_flops_per_second(),
+    )
 
 
 def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurement | str:
@@ -119,7 +171,7 @@ def _measure_in_subprocess(config: Configuration, result_path: Path) -> Measurem
     from trainer.distributed import launcher_command
 
     python_path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")]))
-    argv = ["--one", json.dumps(asdict(config)), str(result_path)]
+    argv = ["--one", json.dumps(asdict(config) | {"launched_at": time.time()}), str(result_path)]
     command, env = launcher_command(config.processes, "trainer.bench", argv) if config.processes > 1 else ([sys.executable, "-m", "trainer.bench", *argv], dict(os.environ))
     env.update({"PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     process = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -153,6 +205,18 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
+def _optional(value: float | None, template: str) -> str:
+    return "-" if value is None else template.format(value)
+
+
+def _cells(outcome: Measurement) -> tuple[str, ...]:
+    return (
+        f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}",
+        _optional(outcome.first_step_seconds, "{:.1f} s"), _optional(outcome.end_to_end_seconds, "{:.1f} s"),
+        _optional(outcome.step_flops and outcome.step_flops / 1e9, "{:.1f}"), _optional(outcome.ceiling_fraction and 100 * outcome.ceiling_fraction, "{:.0f} %"),
+    )
+
+
 def _markdown_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
 
@@ -160,6 +224,13 @@ def _markdown_table(rows: list[tuple[str, ...]]) -> str:
         return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths)) + " |"
 
     return "\n".join([line(COLUMNS), line("-" * width for width in widths), *(line(row) for row in rows)])
+
+
+def _ceiling_range(ceilings: set[float | None]) -> str:
+    rates = sorted(rate / 1e9 for rate in ceilings if rate)
+    if not rates:
+        return "not measured"
+    return f"{rates[0]:.1f} GFLOP/s" if len(rates) == 1 else f"{rates[0]:.1f}-{rates[-1]:.1f} GFLOP/s"
 
 
 def _describe(cells: tuple[str, ...]) -> str:
@@ -198,6 +269,7 @@ def run_bench(
     rows: list[tuple[str, ...]] = []
     failures: list[str] = []
     devices: set[str] = set()
+    ceilings: set[float | None] = set()
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         work = Path(tmp)
         datasets = {count: _bench_dataset(work / f"data-{count}", batch_size * count) for count in processes}
@@ -212,10 +284,11 @@ def run_bench(
             cells = (model, f"{resolution}x{resolution}", str(count), str(batch_size), _on_off(cached), _on_off(checkpointed))
             if isinstance(outcome, Measurement):
                 devices.add(outcome.device)
-                row = cells + (f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}")
+                ceilings.add(outcome.ceiling_flops_per_second)
+                row = cells + _cells(outcome)
             else:
                 failures.append(f"{_describe(cells)}:\n{outcome}")
-                row = cells + ("failed", "-", "-")
+                row = cells + ("failed",) + ("-",) * (len(COLUMNS) - len(cells) - 1)
             rows.append(row)
             log(f"[{index}/{len(plan)}] {_describe(row)}")
     header = [
@@ -223,6 +296,10 @@ def run_bench(
         f"device: {'; '.join(sorted(devices)) or 'none (every configuration failed)'}",
         "peak memory: RSS = peak resident memory of the whole process (CPU); CUDA = torch.cuda.max_memory_allocated; "
         "batch: per process; with several processes, the main process's time and memory",
+        "first step / end to end: from launching the process to the end of optimizer step 1 / to the artifacts written; "
+        "GFLOP/step: FlopCounterMode over the last warm-up step (matmuls, convolutions, attention; forward and backward); "
+        f"of ceiling: GFLOP/step / s/step over a {CEILING_MATMUL_SIZE}-square fp32 matmul's rate in the same process "
+        f"({_ceiling_range(ceilings)})",
         "",
     ]
     text = "\n".join(header) + _markdown_table(rows)
@@ -236,7 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "random:sd1"], metavar="BASE",
                         help="model.base values to measure: tiny, tiny-sdxl, random:sd1 or random:sdxl (SD1.5's or SDXL's size, random weights), a diffusers folder, a .safetensors file (default: tiny random:sd1)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per configuration (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the first fills the latent cache (default 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first; the last one's FLOPs are counted (default 1; 0: no FLOP columns)")
     parser.add_argument("--resolution", type=int, default=256, help="training resolution in px, a multiple of 64 (default 256)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     parser.add_argument("--cache", choices=("on", "off", "both"), default="both", help="latent caching (default both)")

@@ -25,6 +25,7 @@ from trainer.errors import UserError
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
+from trainer.models.base_model import page_out
 from trainer.models.loading import load_recipe_model, locate_base
 from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -49,6 +50,10 @@ class TrainResult:
     # Wall time of each optimizer step of this run (data, forward, backward, update; not checkpoints or
     # samples), for benchmarks.
     step_seconds: list[float] = field(default_factory=list)
+    # time.time() when this run's first optimizer step ended, for benchmarks' time to first step.
+    first_step_ended: float | None = None
+    # Floating-point operations of the step train(count_flops_of_step=...) named (trainer.bench).
+    step_flops: int | None = None
 
 
 def _mixed_precision(setting: str) -> str:
@@ -93,9 +98,8 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     (mixed precision's master weights)."""
     for name, part in model.parts().items():
         dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
-        part.to(device)
-        if part.dtype != dtype:
-            part.to(dtype=dtype)
+        # One call: each tensor is converted on its way, so a GPU never holds the fp32 copy of a bf16 part.
+        part.to(device=device, dtype=dtype)
         part.eval()
     trainable = []
     for module in method.trainable_modules().values():
@@ -112,6 +116,89 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     if not trainable:
         raise UserError(f"Method '{method.name}' set up no trainable parameters; check the recipe's '{method.name}' section.")
     return trainable
+
+
+class _StepFlops:
+    """Counts the floating-point operations of one optimizer step with torch's FlopCounterMode (matmuls,
+    convolutions and attention, forward and backward; element-wise ops count as none). The counting
+    slows that step down, so benchmarks count a step they do not time."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+        self.mode = None
+
+    def start(self, step: int) -> None:
+        if step == self.step:
+            from torch.utils import flop_counter
+
+            aten = torch.ops.aten
+            # CPU attention is its own op, which FlopCounterMode does not know: the same formulas as CUDA's.
+            cpu_attention = {
+                aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    lambda grad, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
+            }
+            self.mode = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
+            self.mode.__enter__()
+
+    def stop(self) -> int | None:
+        """The count, when the step just ended was the counted one."""
+        if self.mode is None:
+            return None
+        self.mode.__exit__(None, None, None)
+        total, self.mode = self.mode.get_total_flops(), None
+        return total
+
+
+def _coming_samples(data, world, progress: Progress, cfg) -> tuple[list, bool]:
+    """This process's samples of the coming steps, each as a batch of one, up to the end of the next whole
+    epoch; and whether that is every step left in the run (else it holds at least one whole epoch)."""
+    micro_steps = (cfg.max_steps - progress.step) * cfg.gradient_accumulation_steps
+    epoch, index, batches = progress.epoch, progress.batch_in_epoch, data.epoch_batches(progress.epoch)
+    ahead = min(micro_steps, len(batches) - index + (data.batches_per_epoch if index else 0))
+    singles = []
+    for _ in range(ahead):
+        if index >= len(batches):
+            epoch, index = epoch + 1, 0
+            batches = data.epoch_batches(epoch)
+        singles += [data.load_batch([sample], epoch) for sample in world.slice_of(batches[index], cfg.batch_size)]
+        index += 1
+    return singles, ahead == micro_steps
+
+
+def _encode_latents_ahead(singles: list, cache, encode, show_progress: bool) -> None:
+    """Fill the latent cache before step 1, under a progress bar, so the first steps run at their steady
+    pace. One image at a time, as the steps would (trainer.data.cache: a latent never depends on its
+    batch), so training is the same with or without this."""
+    wanted = {single.cache_keys[0]: single for single in singles}
+    missing = [single for key, single in wanted.items() if cache.get(key) is None]
+    for single in tqdm(missing, disable=not (show_progress and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
+        cache.latents(single, encode)
+
+
+def _encode_captions_ahead(singles: list, method, autocast, show_progress: bool) -> None:
+    """The same for the text encoder outputs (data.cache_text_encoder_outputs), one caption at a time, in
+    the autocast the steps use."""
+    captions = list(dict.fromkeys(single.captions[0] for single in singles))
+    with autocast():
+        for caption in tqdm(captions, disable=not show_progress, desc="Caching captions", unit="caption", dynamic_ncols=True):
+            method.encode_text([caption])
+
+
+def _page_out_unused(model, recipe: Recipe, every_latent_cached: bool, every_caption_cached: bool, validating: bool, directory: Path) -> None:
+    """Out of memory, the frozen parts no step runs: the VAE decoder when no samples are drawn; once
+    every latent, or caption, the run reads is cached and nothing samples or validates, the VAE encoder,
+    or the text encoders. Paged out, not deleted: their values stay, so a method that ships the whole
+    model exports them unchanged, and a step that did need one would read it back (base_model.page_out)."""
+    vae = model.vae
+    unused = []
+    if not recipe.sample.prompts:
+        unused += [vae.decoder, getattr(vae, "post_quant_conv", None)]
+        if every_latent_cached and not validating:
+            unused += [vae.encoder, getattr(vae, "quant_conv", None)]
+        if every_caption_cached and not validating:
+            unused += list(model.text_encoder_modules().values())
+    page_out([module for module in unused if module is not None], directory)
 
 
 def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
@@ -137,12 +224,16 @@ def _data_changed(checkpoint, data, allow_data_change: bool) -> None:
     print(f"warning: the training data changed since the checkpoint; steps after {step} train on the new data, so the result will differ from an uninterrupted run.")
 
 
-def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False) -> TrainResult:
+def train(
+    recipe: Recipe, resume: str | None = None, show_progress: bool = True, overwrite: bool = False, allow_data_change: bool = False,
+    count_flops_of_step: int | None = None,
+) -> TrainResult:
     """Train ``recipe``; ``resume`` continues a checkpoint ('latest' or a folder).
 
     Without ``resume`` an earlier run in output.dir is refused, or with ``overwrite`` moved aside
     (trainer.run_folder). With it, recipe changes are checked against the checkpoint's (trainer.resume);
-    ``allow_data_change`` lets a resume continue on changed data.
+    ``allow_data_change`` lets a resume continue on changed data. ``count_flops_of_step`` (for benchmarks)
+    counts that optimizer step's floating-point operations into ``TrainResult.step_flops``.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -264,6 +355,19 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     if recipe.output.tensorboard:
         accelerator.init_trackers("sdtrain", config={k: v for k, v in flatten(recipe_dict).items() if isinstance(v, (int, float, str, bool))})
 
+    # Every entry the run reads is cached once the walk covers the rest of the run, or one whole epoch
+    # whose entries repeat in every later one (one process; no flips, or no random caption changes).
+    singles, whole_run = _coming_samples(data, world, progress, cfg) if recipe.data.cache_latents != "none" or text_mode != "none" else ([], False)
+    repeats = world.processes == 1
+    fixed_captions = not (recipe.data.shuffle_tags or recipe.data.caption_dropout > 0 or recipe.data.tag_dropout > 0)
+    if recipe.data.cache_latents != "none":
+        _encode_latents_ahead(singles, cache, encode_mean, show_progress and world.is_main)
+    if text_mode != "none":
+        _encode_captions_ahead(singles, method, accelerator.autocast, show_progress and world.is_main)
+    _page_out_unused(
+        model, recipe, recipe.data.cache_latents != "none" and (whole_run or (repeats and not recipe.data.flip)),
+        text_mode != "none" and (whole_run or (repeats and fixed_captions)), validator is not None, output_dir,
+    )
     result = TrainResult(output_dir=output_dir, artifacts=[])
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
@@ -275,6 +379,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
     saved_step = checkpoint.progress.step if checkpoint else None
     checkpointed = {step for step, _ in complete_checkpoints(output_dir) if saved_step is not None and step <= saved_step}
     validated_step = None
+    step_flops = _StepFlops(count_flops_of_step)
 
     def validate() -> None:
         nonlocal validated_step
@@ -308,6 +413,7 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
         while progress.batch_in_epoch < len(batches) and progress.step < cfg.max_steps:
             if progress.micro_step % accum == 0:
                 step_started = time.perf_counter()
+                step_flops.start(progress.step + 1)
             global_batch = batches[progress.batch_in_epoch]
             samples = world.slice_of(global_batch, cfg.batch_size)
             loss = None
@@ -351,6 +457,8 @@ def train(recipe: Recipe, resume: str | None = None, show_progress: bool = True,
             method.after_optimizer_step()
             progress.step += 1
             result.step_seconds.append(time.perf_counter() - step_started)
+            result.first_step_ended = result.first_step_ended or time.time()
+            result.step_flops = step_flops.stop() or result.step_flops
             result.final_loss = step_loss
             if progress.step % max(cfg.log_every_steps, 1) == 0:
                 accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=progress.step)

@@ -9,7 +9,11 @@ together (trainer/families). Methods use the calls here - ``encode_text``, ``pre
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -118,3 +122,41 @@ def replace_parts(model: BaseModel, parts: dict[str, nn.Module]) -> BaseModel:
     """``model`` with some of its modules (by component name) swapped for others; the rest is shared."""
     text_encoders = [TextEncoder(te.spec, te.tokenizer, parts.get(te.component, te.model)) for te in model.text_encoders]
     return dataclasses.replace(model, unet=parts.get("unet", model.unet), vae=parts.get("vae", model.vae), text_encoders=text_encoders)
+
+
+# Each tensor starts at a multiple of this in the paged-out file, so it can be viewed in any dtype.
+_PAGE_ALIGNMENT = 64
+
+
+def page_out(modules: list[nn.Module], directory: Path) -> None:
+    """Keep the modules' weights in a file the OS reads in on demand instead of in memory.
+
+    For frozen parts training no longer uses (a VAE half, once every latent is cached and no sample is
+    drawn): their memory is returned, yet every value stays exactly where it was, so whatever still
+    reads them (a full model's export, a later encode) gets the same numbers from the page cache or the
+    disk. The file is a private mapping of a temporary file in ``directory``, unlinked at once; a GPU
+    part is moved to the CPU first. Only a saving: where the file cannot be written (a full disk) or
+    mapped while open (Windows), the parts simply stay in memory.
+    """
+    tensors = [t for module in modules for t in itertools.chain(module.parameters(), module.buffers())]
+    if not tensors or os.name == "nt":
+        return
+    offsets, size = [], 0
+    for tensor in tensors:
+        offsets.append(size)
+        size += -(-tensor.numel() * tensor.element_size() // _PAGE_ALIGNMENT) * _PAGE_ALIGNMENT
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".paged-", suffix=".bin") as handle:
+            for tensor, offset in zip(tensors, offsets):
+                handle.seek(offset)
+                handle.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            handle.truncate(size)
+            handle.flush()
+            mapped = torch.from_file(handle.name, shared=False, size=size, dtype=torch.uint8)
+    except (OSError, RuntimeError):  # torch reports a failed mapping as RuntimeError
+        return
+    with torch.no_grad():
+        for tensor, offset in zip(tensors, offsets):
+            nbytes = tensor.numel() * tensor.element_size()
+            tensor.data = mapped[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
