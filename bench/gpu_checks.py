@@ -12,10 +12,10 @@ validation loss.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -114,21 +114,28 @@ CHECKS = [lora_bf16, lora_fp16, resume_bf16, dreambooth_fp16_vae_fp32_sample, ad
           sdxl_lora_bf16, validation_bf16]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """Each check in a process of its own: accelerate keeps one mixed precision per process."""
+    if argv[:1] == ["--one"]:
+        check = next(check for check in CHECKS if check.__name__ == argv[1])
+        with tempfile.TemporaryDirectory() as tmp:
+            print("ok: " + check(Path(tmp)))
+        return 0
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}", flush=True)
     failed = 0
     for check in CHECKS:
         started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                outcome = "ok: " + check(Path(tmp))
-            except Exception as err:  # a check's failure is reported, and the next check still runs
-                failed += 1
-                outcome = f"FAILED: {type(err).__name__}: {err}\n" + traceback.format_exc(limit=4)
+        done = subprocess.run([sys.executable, __file__, "--one", check.__name__], capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines and lines[-1].startswith("ok: "):
+            outcome = lines[-1]
+        else:
+            failed += 1
+            outcome = "FAILED:\n" + "\n".join(done.stderr.strip().splitlines()[-8:])
         print(f"{check.__name__:34s} {time.perf_counter() - started:6.1f}s  {outcome}", flush=True)
     print(f"{len(CHECKS) - failed} of {len(CHECKS)} checks passed")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

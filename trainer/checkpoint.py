@@ -17,6 +17,7 @@ swapped in for the old (``trainer.atomic.replaced_directory``), so the step is n
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -58,23 +59,35 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
 
 
+def _split_tensors(values: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """``values`` without its tensors, which go to ``tensors`` under ``prefix`` + their key path ("/"-joined:
+    8-bit AdamW keeps its quantisation state in a dict inside each parameter's state)."""
+    plain = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            plain[key] = _split_tensors(value, f"{prefix}{key}/", tensors)
+        else:
+            plain[key] = value
+    return plain
+
+
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, plain = {}, {}
-    for index, values in state["state"].items():
-        plain[str(index)] = {}
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain[str(index)][key] = value
+    tensors: dict[str, torch.Tensor] = {}
+    plain = {str(index): _split_tensors(values, f"{index}.", tensors) for index, values in state["state"].items()}
     return tensors, {"state": plain, "param_groups": state["param_groups"]}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
-    state = {int(i): dict(values) for i, values in plain["state"].items()}
+    state = {int(i): copy.deepcopy(values) for i, values in plain["state"].items()}
     for key, value in tensors.items():
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = value
+        index, _, path = key.partition(".")
+        *parents, name = path.split("/")
+        node = state.setdefault(int(index), {})
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
