@@ -60,8 +60,8 @@ def lora_fp16(tmp: Path) -> str:
     return _changed(_train("sls_frog_lora.yaml", tmp, **{"train.mixed_precision": "fp16", "lora.text_encoder": True}), tmp)
 
 
-def resume_bf16(tmp: Path) -> str:
-    settings = {"train.mixed_precision": "bf16", "train.max_steps": 6, "train.save_every_steps": 3, "train.keep_checkpoints": 0}
+def _resume(tmp: Path, **values) -> str:
+    settings = {"train.max_steps": 6, "train.save_every_steps": 3, "train.keep_checkpoints": 0, **values}
     _train("sls_frog_lora.yaml", tmp / "full", **settings)
     shutil.copytree(tmp / "full" / "checkpoints" / "step-00000003", tmp / "resumed" / "checkpoints" / "step-00000003")
     _train("sls_frog_lora.yaml", tmp / "resumed", resume="latest", **settings)
@@ -69,6 +69,14 @@ def resume_bf16(tmp: Path) -> str:
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     scale = max(float(a[k].float().abs().max()) for k in a)
     return f"resumed vs uninterrupted: max |difference| {worst:.3g} (weights up to {scale:.3g}){' - bit-identical' if worst == 0 else ''}"
+
+
+def resume_bf16(tmp: Path) -> str:
+    return _resume(tmp, **{"train.mixed_precision": "bf16"})
+
+
+def resume_adamw8bit(tmp: Path) -> str:
+    return _resume(tmp, **{"train.mixed_precision": "bf16", "train.optimizer": "adamw8bit"})
 
 
 def dreambooth_fp16_vae_fp32_sample(tmp: Path) -> str:
@@ -110,7 +118,7 @@ def validation_bf16(tmp: Path) -> str:
     return _changed(result, tmp) + f"; validation rows {len(rows) - 1}: {rows[-1][:60]}"
 
 
-CHECKS = [lora_bf16, lora_fp16, resume_bf16, dreambooth_fp16_vae_fp32_sample, adamw8bit, textual_inversion_bf16, hypernetwork_bf16, loha_bf16,
+CHECKS = [lora_bf16, lora_fp16, resume_bf16, dreambooth_fp16_vae_fp32_sample, adamw8bit, resume_adamw8bit, textual_inversion_bf16, hypernetwork_bf16, loha_bf16,
           sdxl_lora_bf16, validation_bf16]
 
 
