@@ -147,3 +147,22 @@ def test_text_encoder_gets_its_own_learning_rate():
     method.setup()
     lrs = {group["lr"]: len(group["params"]) for group in method.param_groups()}
     assert set(lrs) == {0.01, 0.5} and all(lrs.values())
+
+
+def test_mixed_precision_keeps_trained_weights_exact_and_frozen_parts_in_the_compute_dtype():
+    """Under bf16 (run here on the CPU: the dtypes, not the device, are what is checked) a full fine-tune's
+    master weights are the fp32 originals, not values rounded to bf16 and widened again; frozen parts
+    take the compute dtype (the VAE its fp32 when model.vae_fp32)."""
+    from trainer.loop import _prepare_model
+    from trainer.methods.dreambooth.method import DreamBoothMethod
+    from trainer.models.loading import load_base_model
+
+    recipe = load_recipe(REPO / "recipes" / "sls_frog_dreambooth.yaml", ["dreambooth.prior_preservation=false", "dreambooth.ema=false"])
+    model = load_base_model("tiny")
+    method = DreamBoothMethod(recipe, model)
+    method.setup()
+    before = {name: param.detach().clone() for name, param in model.unet.named_parameters()}
+    trainable = _prepare_model(model, method, torch.device("cpu"), torch.bfloat16, gradient_checkpointing=False)
+    assert trainable and all(param.dtype == torch.float32 for param in trainable)
+    assert all(torch.equal(param, before[name]) for name, param in model.unet.named_parameters())
+    assert model.vae.dtype == torch.bfloat16

@@ -98,8 +98,13 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     (mixed precision's master weights)."""
     for name, part in model.parts().items():
         dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
+        # Trained parameters keep their fp32 values: a round trip through the compute dtype would round a
+        # full fine-tune's master weights (and a LoRA's initial ones) to bf16/fp16.
+        trained = [(param, param.data) for param in part.parameters() if param.requires_grad]
         # One call: each tensor is converted on its way, so a GPU never holds the fp32 copy of a bf16 part.
         part.to(device=device, dtype=dtype)
+        for param, original in trained:
+            param.data = original.to(device=device, dtype=torch.float32)
         part.eval()
     trainable = []
     for module in method.trainable_modules().values():
