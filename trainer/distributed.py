@@ -66,7 +66,8 @@ def world_of(accelerator) -> World:
         raise UserError(
             f"accelerate is configured for {kind.value}, which sdtrain does not run yet: its sharded model and optimizer "
             "need their own checkpoint and gradient handling. Launch with plain data parallelism instead "
-            "(`accelerate config` -> multi-GPU, no DeepSpeed/FSDP; or `sdtrain train RECIPE --processes N`); see docs/distributed.md."
+            "(`accelerate config` -> multi-GPU, no DeepSpeed/FSDP; or `sdtrain train RECIPE --processes N`), with train.shard_optimizer=true "
+            "to split the optimizer state across the processes; see docs/distributed.md."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
