@@ -193,6 +193,8 @@ class TrainingData:
         self.warnings: list[str] = [problem.text() for problem in result.problems]
 
         self._sample_item = [index for index, item in enumerate(self.items) for _ in range(item.repeats)]
+        # What each item's loss mask adds to its cache key (a mask file's hash): read once, not every batch.
+        self._mask_keys = [mask_key(cfg, item) for item in self.items]
         self._bucket_samples: dict[Size, list[int]] = {}
         for sample, index in enumerate(self._sample_item):
             self._bucket_samples.setdefault(self.items[index].bucket, []).append(sample)
@@ -253,7 +255,7 @@ class TrainingData:
             ],
             "captions": [cfg.trigger_word, cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_separator, cfg.caption_dropout, cfg.tag_dropout],
             "flip": cfg.flip,
-            "masks": [mask_key(cfg, item) for item in self.items] if cfg.masks != "none" else [],
+            "masks": self._mask_keys if cfg.masks != "none" else [],
         }
         return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -270,17 +272,18 @@ class TrainingData:
         return batches
 
     def load_batch(self, sample_indices: list[int], epoch: int) -> Batch:
-        items = [self.items[self._sample_item[sample]] for sample in sample_indices]
+        indices = [self._sample_item[sample] for sample in sample_indices]
+        items = [self.items[index] for index in indices]
         sizes = {item.bucket for item in items}
         if len(sizes) != 1:
             raise ValueError(f"load_batch needs samples of one bucket (use epoch_batches); got buckets {sorted(sizes)}")
         captions, flipped, keys = [], [], []
-        for sample, item in zip(sample_indices, items):
+        for sample, index, item in zip(sample_indices, indices, items):
             # Separate streams per purpose, so turning on e.g. tag shuffling does not change the flips.
             flip = self.cfg.flip and seeded_rng(self.seed, epoch, sample, "flip").random() < 0.5
             captions.append(process_caption(item.caption, self.cfg, seeded_rng(self.seed, epoch, sample, "caption"), item.is_reg))
             flipped.append(flip)
-            keys.append(self.cache_key(item, flip) + mask_key(self.cfg, item))
+            keys.append(self.cache_key(item, flip) + self._mask_keys[index])
         weights = torch.tensor([self.reg_loss_weight if item.is_reg else 1.0 for item in items], dtype=torch.float32)
         masks = partial(load_mask, self.cfg) if self.cfg.masks != "none" else None
         return Batch(items, list(sample_indices), captions, flipped, weights, keys, sizes.pop(), masks)
