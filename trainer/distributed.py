@@ -97,12 +97,17 @@ def _buckets(tensors: Iterable[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter], world: World) -> None:
-    """Replace every parameter's gradient by its sum over the processes (a missing one counts as zero:
-    a process that trained no sample of this step, or a parameter its samples did not reach)."""
+    """Replace every parameter's gradient by its sum over the processes. A parameter that has a gradient on
+    some process counts as zero where it has none (a process that trained no sample of this step); one
+    that has none anywhere (e.g. a text encoder after dreambooth.text_encoder_steps) keeps none, so the
+    optimizer skips it as it would with one process."""
     if world.processes == 1:
         return
     import torch.distributed as dist
 
+    reached = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(reached)
+    params = [param for param, count in zip(params, reached.tolist()) if count]
     for param in params:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
