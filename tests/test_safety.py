@@ -193,9 +193,10 @@ def test_rerun_into_a_finished_run_refuses_and_leaves_it_as_it_was(tmp_path, cap
 
 def test_overwrite_moves_the_earlier_run_aside_and_keeps_the_caches(tmp_path, capsys):
     out = tmp_path / "run"
-    cached = {**FINISHED, "data.cache_latents": "disk"}
+    cached = {**FINISHED, "data.cache_latents": "disk", "validation.split": 0.2, "validation.timesteps": 2}
     assert _train(capsys, out, **cached)[0] == 0
     before = _tree(out)
+    assert "validation.csv" in before  # the earlier run's validation table moves with it too
     code, stdout, err = _train(capsys, out, "--overwrite", **{**cached, "train.seed": 7})
     assert code == 0, err
     (aside,) = tmp_path.glob("run.replaced-*")

@@ -7,7 +7,7 @@ are keyed by what they were made from and are reused safely. A run that stopped 
 checkpoint left nothing to resume or keep; a new run starts over there.
 
 ``sdtrain train --overwrite`` moves the earlier run's files (its ``recipe.yaml``, ``checkpoints/``,
-``logs/``, ``samples/``, ``concept_eval/`` and artifacts) into a new sibling folder
+``logs/``, ``samples/``, ``concept_eval/``, validation table and list, and artifacts) into a new sibling folder
 ``<output.dir>.replaced-YYYYmmdd-HHMMSS``; nothing is deleted, and everything else in the folder
 (caches, the user's own files) stays. docs/recipes.md describes it for users.
 """
@@ -23,8 +23,10 @@ import yaml
 from trainer.checkpoint import complete_checkpoints
 from trainer.errors import UserError
 from trainer.recipe import is_plain_file_name
+from trainer.validation import CSV_NAME as VALIDATION_TABLE
+from trainer.validation import IMAGES_NAME as VALIDATION_IMAGES
 
-RUN_ENTRIES = ("recipe.yaml", "checkpoints", "logs", "samples", "concept_eval")
+RUN_ENTRIES = ("recipe.yaml", "checkpoints", "logs", "samples", "concept_eval", VALIDATION_TABLE, VALIDATION_IMAGES)
 ARTIFACT_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
