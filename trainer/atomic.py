@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -112,15 +112,19 @@ def _remove(path: Path) -> None:
 # --- new folders: the user named the destination -------------------------------------------------
 
 
+def refuse_to_replace(paths: Iterable[Path | str], instead: str) -> None:
+    """One UserError naming every path of ``paths`` that holds something (a file, a link, a folder that is
+    not empty): sdtrain never replaces what the user did not ask it to. ``instead`` says what to do."""
+    taken = [Path(p) for p in paths if os.path.lexists(p) and not (Path(p).is_dir() and not any(Path(p).iterdir()))]
+    if taken:
+        names = ", ".join(f"'{p}'" + (" (a folder that is not empty)" if p.is_dir() else "") for p in taken)
+        verb = "exists" if len(taken) == 1 else "exist"
+        raise UserError(f"{names} already {verb}, and sdtrain does not replace what you did not ask it to. {instead}")
+
+
 def check_new_directory(path: Path) -> None:
     """Refuse a destination that exists and is not an empty folder: it holds something of the user's."""
-    path = Path(path)
-    if os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir())):
-        kind = "folder is not empty" if path.is_dir() else "path is a file"
-        raise UserError(
-            f"'{path}' already exists and the {kind}; sdtrain writes a new folder there and does not replace what it "
-            "did not create. Choose another folder, or empty or remove that one yourself and run again."
-        )
+    refuse_to_replace([path], "Choose another folder, or empty or remove that one yourself and run again.")
 
 
 def _rename_into_empty(tmp: Path, path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.atomic import refuse_to_replace
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import DTYPES
 from trainer.models.export import save_diffusers_folder, save_single_file
@@ -33,8 +34,7 @@ def convert_checkpoint(src: Path, dst: Path, dtype: str, *, config: Path | None 
         raise UserError(f"Convert: dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
     if not src.exists():
         raise UserError(f"Convert: the source '{src}' does not exist. Pass a diffusers folder or a single-file .safetensors/.ckpt checkpoint.")
-    if dst.exists():
-        raise UserError(f"Convert: the destination '{dst}' already exists. Choose a new name or delete it first; sdtrain never overwrites it.")
+    refuse_to_replace([dst], "Choose a new name for the converted file, or delete that one first.")
     if dst.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise UserError(f"Convert: '{dst}' names a pickle; sdtrain writes single files as {SINGLE_FILE_SUFFIX} only (every UI loads them). Use a {SINGLE_FILE_SUFFIX} name.")
     try:

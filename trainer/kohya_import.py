@@ -1148,12 +1148,12 @@ def draft_recipe(paths: list[Path], script: str | None = None) -> Draft:
 
 def import_kohya(paths: list[Path], output: Path | None = None, *, overwrite: bool = False, script: str | None = None) -> Path:
     """Write the recipe of the kohya files to ``output`` (default ``<first file's stem>.yaml`` here), checked by load_recipe."""
-    from trainer.atomic import write_text
+    from trainer.atomic import refuse_to_replace, write_text
     from trainer.recipe import load_recipe
 
     target = output or Path(f"{paths[0].stem}.yaml")
-    if target.exists() and not overwrite:
-        raise UserError(f"'{target}' exists. Pass --overwrite to replace it, or -o with another file name.")
+    if not overwrite:
+        refuse_to_replace([target], "Pass --overwrite to replace it, or -o with another file name.")
     draft = draft_recipe(paths, script)
     text = "\n".join(_header(draft, paths, target) + _recipe_lines(draft)).rstrip() + "\n"
     with tempfile.TemporaryDirectory() as scratch:
@@ -1235,7 +1235,7 @@ def export_options(recipe: Any) -> dict[str, Any]:
 
 def export_kohya(recipe_path: Path, out_dir: Path, *, overwrite: bool = False) -> list[Path]:
     """Write ``dataset.toml``, ``prompts.txt`` (with sample prompts) and ``train.sh`` for sd-scripts into ``out_dir``."""
-    from trainer.atomic import write_text
+    from trainer.atomic import refuse_to_replace, write_text
     from trainer.formats.kohya_config import command_line, dataset_toml, prompt_line
     from trainer.recipe import load_recipe
 
@@ -1246,9 +1246,8 @@ def export_kohya(recipe_path: Path, out_dir: Path, *, overwrite: bool = False) -
     files = {"dataset.toml": None, "train.sh": None}
     if recipe.sample.prompts:
         files["prompts.txt"] = None
-    existing = [out_dir / name for name in files if (out_dir / name).exists()]
-    if existing and not overwrite:
-        raise UserError(f"{', '.join(map(str, existing))} exist{'s' if len(existing) == 1 else ''}. Pass --overwrite to replace, or -o with another folder.")
+    if not overwrite:
+        refuse_to_replace([out_dir / name for name in files], "Pass --overwrite to replace them, or -o with another folder.")
     general = {name: options.pop(name) for name in DATASET_OPTIONS if name in options}
     options["dataset_config"] = str(out_dir / "dataset.toml")
     sample = recipe.sample

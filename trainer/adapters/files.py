@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from trainer.adapters.lowrank import has_kernel, weight_shape
+from trainer.atomic import refuse_to_replace
 from trainer.errors import UserError
 from trainer.formats import lycoris
 from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
@@ -97,13 +98,9 @@ def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:
 
 def check_output(path: Path, overwrite: bool) -> Path:
     """Refuse to replace an existing file, or a folder that holds anything, unless ``--overwrite`` was given."""
-    path = Path(path)
-    if path.exists() and not overwrite and not (path.is_dir() and not any(path.iterdir())):
-        kind = "folder is not empty" if path.is_dir() else "file exists"
-        raise UserError(
-            f"Output '{path}': the {kind}, and sdtrain does not replace what you did not ask it to. Choose another path, or add --overwrite to replace it."
-        )
-    return path
+    if not overwrite:
+        refuse_to_replace([path], "Choose another path, or add --overwrite to replace it.")
+    return Path(path)
 
 
 def guess_family(modules: Mapping[str, Module], metadata: Mapping[str, str]) -> str:

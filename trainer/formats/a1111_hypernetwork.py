@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from trainer.atomic import write_legacy_torch_file
+from trainer.atomic import refuse_to_replace, write_legacy_torch_file
 from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata, save_safetensors
 
@@ -220,6 +220,5 @@ def convert_hypernetwork(src: Path, dst: Path) -> Path:
     """
     src, dst = Path(src), Path(dst)
     writer = WRITERS[_suffix(dst, "output file")]
-    if dst.exists():
-        raise UserError(f"Convert: the destination '{dst}' already exists. Choose a new name or delete it first; sdtrain never overwrites it.")
+    refuse_to_replace([dst], "Choose a new name for the converted file, or delete that one first.")
     return writer(dst, read_hypernetwork(src))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.atomic import write_text
+from trainer.atomic import refuse_to_replace, write_text
 from trainer.errors import UserError
 from trainer.examples import SOURCE_CHECKOUT, example_path
 from trainer.methods import METHODS
@@ -188,7 +188,6 @@ def save(root: Path, recipe_id: str, values: dict[str, str], name: str) -> str:
         raise UserError(f"'{name}' cannot be a file name; use letters, digits, '-' and '_' (e.g. my_frog).")
     resolved = check(root, recipe_id, values)["yaml"]
     path = inside(root, f"{SAVED_RECIPES}/{name}.yaml")
-    if path.exists():
-        raise UserError(f"'{relative(root, path)}' already exists and the UI does not replace it. Choose another name, or delete that file yourself.")
+    refuse_to_replace([path], "Choose another name, or delete that file yourself.")
     write_text(path, resolved)
     return relative(root, path)
