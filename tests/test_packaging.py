@@ -72,10 +72,10 @@ def test_installed_sdtrain_finds_its_examples_from_anywhere(installed, tmp_path)
         assert "failed" not in table, table
 
         # The toy recipes train on `model.base: toy` with the shipped pictures.
-        runs = {{run.name: run for run in bench_runs(out / "toy", train_steps=1)}}
-        assert {{"sls_frog_lora (no prior)", "sls_frog_ti", "sls_frog_hypernetwork"}} <= set(runs), sorted(runs)
-        run = runs["sls_frog_lora (no prior)"]
-        assert train(_load(run.recipe, run.overrides), show_progress=False).artifacts
+        runs = {{run.name: run for run in bench_runs(out / "toy", overrides=("train.max_steps=1",), seeds=(42,))}}
+        assert {{"sls_frog_lora (no prior)", "sls_frog_ti", "vex_triangle_ti", "sls_frog_hypernetwork + prior"}} <= set(runs), sorted(runs)
+        for name in ("sls_frog_lora (no prior)", "vex_triangle_ti"):
+            assert train(_load(runs[name].recipe, runs[name].overrides), show_progress=False).artifacts
 
         # The DreamBooth drift measurement: its recipe on the sls frog, and the tagged example's frogs and cats.
         dreambooth_drift([

@@ -81,22 +81,28 @@ def _convert(args: argparse.Namespace) -> int:
 def _toyworld_build(args: argparse.Namespace) -> int:
     from trainer.toyworld.pretrain import build
 
-    print(f"Wrote the toy world to {build(Path(args.directory) if args.directory else None)}")
+    snapshots = Path(args.snapshots) if args.snapshots else None
+    print(f"Wrote the toy world to {build(Path(args.directory) if args.directory else None, snapshot_dir=snapshots)}")
     return 0
 
 
 def _toyworld_bench(args: argparse.Namespace) -> int:
-    from trainer.toyworld.bench import toyworld_bench
+    from trainer.toyworld.bench import SEEDS, toyworld_bench
     from trainer.toyworld.evaluate import EvalSettings
 
-    print(toyworld_bench(Path(args.out), EvalSettings(samples_per_prompt=args.samples)))
+    print(toyworld_bench(Path(args.out), EvalSettings(samples_per_prompt=args.samples), methods=args.methods,
+                         seeds=tuple(args.seeds or SEEDS), concepts=args.concepts, overrides=tuple(args.overrides),
+                         priors={"both": (True, False), "with": (True,), "without": (False,)}[args.prior]))
     return 0
 
 
 def _eval_concept(args: argparse.Namespace) -> int:
     from trainer.toyworld.evaluate import EvalSettings, evaluate_concept
 
-    report = evaluate_concept(args.target, args.out, EvalSettings(samples_per_prompt=args.samples, seed=args.seed))
+    from trainer.toyworld.world import concept_named
+
+    concept = concept_named(args.concept) if args.concept else None
+    report = evaluate_concept(args.target, args.out, EvalSettings(samples_per_prompt=args.samples, seed=args.seed), concept=concept)
     print(report.markdown())
     for path in report.files:
         print(f"Wrote {path}")
@@ -202,12 +208,19 @@ def _parser() -> argparse.ArgumentParser:
 
     toyworld = commands.add_parser("toyworld", help="the toy world: a base model that knows shapes and frogs")
     toyworld_commands = toyworld.add_subparsers(dest="toyworld_command", required=True)
-    build = toyworld_commands.add_parser("build", parents=[common], help="draw the world and pretrain the toy base and its judge (~20 min on 2 CPU cores)")
+    build = toyworld_commands.add_parser("build", parents=[common], help="draw the world and pretrain the toy base and its judge (~30 min on 2 CPU cores)")
     build.add_argument("directory", nargs="?", help="a new or empty folder to write it to (default: the per-user cache that model.base: toy reads)")
+    build.add_argument("--snapshots", help="a folder for the base every 1,000 UNet steps (what a shorter build would ship)")
     build.set_defaults(run=_toyworld_build)
     toy_bench = toyworld_commands.add_parser("bench", parents=[common], help="train every toy recipe (± prior preservation) and evaluate each: one table")
     toy_bench.add_argument("--out", default="output/toyworld_bench", help="where runs and the table go (default output/toyworld_bench)")
     toy_bench.add_argument("--samples", type=int, default=40, help="images per prompt in each evaluation (default 40)")
+    toy_bench.add_argument("--seeds", type=int, nargs="+", help="training seeds; each run once per seed (default 42 43 44)")
+    toy_bench.add_argument("--methods", nargs="+", help="only these methods (default: all)")
+    toy_bench.add_argument("--concepts", nargs="+", help="only these concepts, e.g. sls_frog vex_triangle (default: all)")
+    toy_bench.add_argument("--prior", choices=("both", "with", "without"), default="both",
+                           help="runs with prior preservation, without, or both where it applies (default both)")
+    toy_bench.add_argument("overrides", nargs="*", metavar="key=value", help="recipe keys for every run, e.g. train.lr=1e-3 train.max_steps=200")
     toy_bench.set_defaults(run=_toyworld_bench)
 
     evaluate = commands.add_parser("eval", help="measure what training taught")
@@ -217,6 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     concept.add_argument("--out", help="report folder (default: <target folder>/concept_eval)")
     concept.add_argument("--samples", type=int, default=40, help="images per prompt (default 40)")
     concept.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
+    concept.add_argument("--concept", help="the concept it was taught (default: from the run's recipe, else sls_frog)")
     concept.set_defaults(run=_eval_concept)
 
     _add_kohya_commands(commands, common)

@@ -1,13 +1,17 @@
-"""``sdtrain eval concept``: did training teach "sls frog", and what did it cost the rest of the model?
+"""``sdtrain eval concept``: did training teach a concept ("sls frog", "vex triangle"), and what did it cost?
 
 An artifact (a kohya-named LoRA or LyCORIS file, a full checkpoint as one file or a diffusers folder, a Textual
 Inversion embedding, a hypernetwork, or a training output folder holding one) is put on the toy base. Base and trained model then draw the same N
 pictures per prompt, picture i from seed ``seed + i``, and the judge reads them:
 
-* concept fidelity: "a sls frog" judged an sls frog, and the nearest-neighbour distance (judge
-  embedding, 1 - cosine) of each picture to the 200 held-out sls frogs;
-* class preservation: "a frog" still judged a frog;
-* drift: the shape prompts still get their shape and colour right (and do not turn into frogs).
+* concept fidelity: "a sls frog" judged an sls frog ("a vex triangle": a purple triangle), and the
+  nearest-neighbour distance (judge embedding, 1 - cosine) of each picture to 200 held-out pictures of it;
+* class preservation: "a frog" still judged a frog ("a triangle" a triangle);
+* drift: the shape prompts still get their shape and colour right (and do not turn into the concept or
+  its class).
+
+Which concept a run taught is read from its recipe (the instance folder ``recipes/toy/<concept>``);
+for a bare artifact it is said with ``concept=`` (default "sls frog").
 
 Each rate has a 95 % Wilson interval (pictures from distinct seeds are independent draws), each change
 a 95 % Newcombe interval, each mean distance a 95 % normal interval. The judge's own accuracy on real
@@ -157,16 +161,25 @@ def _artifact_of_output_dir(directory: Path) -> Path:
 
 
 def concept_prompt_for_word(word: str) -> str:
-    """``world.CONCEPT_PROMPT`` ("a sls frog") with ``word`` for its noun: how a Textual Inversion is asked for the concept."""
+    """The concept's prompt ("a sls frog") as an embedding's word asks for it: "a sls_frog"."""
     return f"a {word}"
+
+
+def concept_of_run(directory: Path) -> world.Concept | None:
+    """The concept a toy run trained on: the one whose ``recipes/toy/<name>`` folder its recipe's data.dir is."""
+    recipe_path = Path(directory) / "recipe.yaml"
+    if not recipe_path.is_file():
+        return None
+    data_dir = (yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}).get("data", {}).get("dir") or ""
+    return world.CONCEPTS.get(Path(str(data_dir)).name)
 
 
 @dataclass
 class TrainedModel:
     model: BaseModel
     description: str  # what kind of artifact it was, for the report
-    # The prompt that asks this model for the concept: the world's, or "a <placeholder>" for an embedding.
-    concept_prompt: str = world.CONCEPT_PROMPT
+    # How this model is asked for the concept instead of the world's prompt: "a <placeholder>" for an embedding.
+    concept_prompt: str | None = None
 
 
 def apply_embedding(model: BaseModel, path: Path) -> str:
@@ -286,27 +299,28 @@ class ModelScores:
     preservation: Rate
     drift_prompts: dict[str, Rate]
     drift: Rate  # every drift prompt's pictures pooled: shape and colour both right
-    drift_frogs: Rate  # drift-prompt pictures the judge calls a frog or an sls frog
+    drift_leaks: Rate  # drift-prompt pictures the judge calls the concept, or its class where they asked for another kind
 
 
-def score(judge: Judge, samples: dict[str, torch.Tensor], held_out: torch.Tensor, settings: EvalSettings) -> ModelScores:
-    concept = judge_pixels(judge, samples[world.CONCEPT_PROMPT])
-    preservation = judge_pixels(judge, samples[world.CLASS_PROMPT])
-    distances = 1.0 - (concept.embeddings @ held_out.T).max(dim=1).values
-    per_prompt, frogs = {}, 0
+def score(judge: Judge, samples: dict[str, torch.Tensor], held_out: torch.Tensor, settings: EvalSettings, concept: world.Concept) -> ModelScores:
+    asked = judge_pixels(judge, samples[concept.prompt])
+    preservation = judge_pixels(judge, samples[concept.class_prompt])
+    distances = 1.0 - (asked.embeddings @ held_out.T).max(dim=1).values
+    per_prompt, leaked = {}, 0
     for prompt in settings.drift_prompts:
         verdicts = judge_pixels(judge, samples[prompt])
         colour, shape = _parse_shape_prompt(prompt)
         per_prompt[prompt] = Rate(sum(k == shape and c == colour for k, c in zip(verdicts.kinds, verdicts.colours)), len(verdicts.kinds))
-        frogs += sum(k in (world.FROG, world.SLS_FROG) for k in verdicts.kinds)
+        # Turned into the concept, or into its class where the prompt asks for another kind (a shape drawn as a frog).
+        leaked += sum(concept.is_it(k, c) or (k in (concept.class_kind, concept.kind) and k != shape) for k, c in zip(verdicts.kinds, verdicts.colours))
     pooled = sum(r.count for r in per_prompt.values())
     return ModelScores(
-        concept=Rate(concept.kinds.count(world.SLS_FROG), len(concept.kinds)),
+        concept=Rate(sum(concept.is_it(k, c) for k, c in zip(asked.kinds, asked.colours)), len(asked.kinds)),
         concept_distance=Mean(tuple(distances.tolist())),
-        preservation=Rate(preservation.kinds.count(world.FROG), len(preservation.kinds)),
+        preservation=Rate(preservation.kinds.count(concept.class_kind), len(preservation.kinds)),
         drift_prompts=per_prompt,
         drift=Rate(sum(r.hits for r in per_prompt.values()), pooled),
-        drift_frogs=Rate(frogs, pooled),
+        drift_leaks=Rate(leaked, pooled),
     )
 
 
@@ -317,10 +331,10 @@ def _parse_shape_prompt(prompt: str) -> tuple[str, str]:
     return words[1], words[2]
 
 
-def held_out_embeddings(judge: Judge) -> tuple[torch.Tensor, Mean]:
-    """Judge embeddings of the held-out sls frogs, and their own leave-one-out nearest-neighbour distance
-    (what a model that draws new sls frogs as well as the world does would score)."""
-    pixels = world.to_tensor([p.image for p in world.pictures(world.HELD_OUT, HELD_OUT_COUNT)])
+def held_out_embeddings(judge: Judge, concept: world.Concept) -> tuple[torch.Tensor, Mean]:
+    """Judge embeddings of the concept's held-out pictures, and their own leave-one-out nearest-neighbour
+    distance (what a model that draws new ones as well as the world does would score)."""
+    pixels = world.to_tensor([p.image for p in world.pictures(concept.held_out(), HELD_OUT_COUNT)])
     embeddings = judge_pixels(judge, pixels).embeddings
     similarity = embeddings @ embeddings.T
     similarity.fill_diagonal_(-1.0)
@@ -333,6 +347,7 @@ def held_out_embeddings(judge: Judge) -> tuple[torch.Tensor, Mean]:
 @dataclass
 class ConceptReport:
     artifact: str
+    concept: world.Concept
     settings: EvalSettings
     base: ModelScores
     trained: ModelScores
@@ -342,7 +357,8 @@ class ConceptReport:
     files: list[Path] = field(default_factory=list)
 
     def markdown(self) -> str:
-        s, base, trained = self.settings, self.base, self.trained
+        s, base, trained, concept = self.settings, self.base, self.trained, self.concept
+        name = concept.prompt.split(" ", 1)[1]
 
         def row(measure: str, prompt: str, before: Rate, after: Rate) -> str:
             difference, low, high = change_interval(after, before)
@@ -358,18 +374,18 @@ class ConceptReport:
             "",
             "| measure | prompt | base | trained | change |",
             "|---|---|---|---|---|",
-            row("concept fidelity (judged sls frog)", world.CONCEPT_PROMPT, base.concept, trained.concept),
-            row("class preservation (judged frog)", world.CLASS_PROMPT, base.preservation, trained.preservation),
+            row(f"concept fidelity (judged {name})", concept.prompt, base.concept, trained.concept),
+            row(f"class preservation (judged {concept.class_kind})", concept.class_prompt, base.preservation, trained.preservation),
             row("drift: shape and colour right", "all drift prompts", base.drift, trained.drift),
-            row("drift: turned into a frog", "all drift prompts", base.drift_frogs, trained.drift_frogs),
+            row(f"drift: turned into the concept or a {concept.class_kind}", "all drift prompts", base.drift_leaks, trained.drift_leaks),
             *(row("drift: shape and colour right", prompt, base.drift_prompts[prompt], trained.drift_prompts[prompt]) for prompt in s.drift_prompts),
             "",
-            f"Nearest-neighbour distance of \"{world.CONCEPT_PROMPT}\" pictures to the {HELD_OUT_COUNT} held-out sls frogs "
+            f"Nearest-neighbour distance of \"{concept.prompt}\" pictures to {HELD_OUT_COUNT} held-out pictures of the concept "
             "(judge embedding, 1 - cosine; lower is closer, 95 % interval of the mean):",
             "",
             f"- base: {base.concept_distance.text()}",
             f"- trained: {trained.concept_distance.text()}",
-            f"- held-out sls frogs to each other (the floor): {self.held_out_distance.text()}",
+            f"- held-out pictures to each other (the floor): {self.held_out_distance.text()}",
             "",
             "Judge accuracy on test pictures of the world (incl. sls frogs and decoy frogs):",
             "",
@@ -386,12 +402,12 @@ class ConceptReport:
                 "concept_distance": scores.concept_distance.value,
                 "preservation": scores.preservation.value,
                 "drift": scores.drift.value,
-                "drift_frogs": scores.drift_frogs.value,
+                "drift_leaks": scores.drift_leaks.value,
                 "drift_prompts": {p: r.value for p, r in scores.drift_prompts.items()},
                 "count": scores.concept.count,
             }
 
-        return {"artifact": self.artifact, "base": model(self.base), "trained": model(self.trained), "held_out_distance": self.held_out_distance.value}
+        return {"artifact": self.artifact, "concept": self.concept.name, "base": model(self.base), "trained": model(self.trained), "held_out_distance": self.held_out_distance.value}
 
 
 def image_grid(rows: list[tuple[str, torch.Tensor]], columns: int = 10, scale: int = 2) -> Image.Image:
@@ -407,13 +423,16 @@ def image_grid(rows: list[tuple[str, torch.Tensor]], columns: int = 10, scale: i
     return grid
 
 
-def evaluation_prompts(settings: EvalSettings) -> list[str]:
-    return [world.CONCEPT_PROMPT, world.CLASS_PROMPT, *settings.drift_prompts]
+def evaluation_prompts(settings: EvalSettings, concepts: list[world.Concept]) -> list[str]:
+    prompts = [prompt for concept in concepts for prompt in (concept.prompt, concept.class_prompt)]
+    return list(dict.fromkeys([*prompts, *settings.drift_prompts]))
 
 
-def draw_base_samples(settings: EvalSettings, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """The toy base's pictures for every evaluation prompt; the same for every artifact evaluated with ``settings``."""
-    return draw_samples(load_base_model(str(base_dir or toy_base_dir())), evaluation_prompts(settings), settings)
+def draw_base_samples(settings: EvalSettings, base_dir: Path | None = None, concepts: list[world.Concept] | None = None) -> dict[str, torch.Tensor]:
+    """The toy base's pictures for every evaluation prompt of ``concepts`` (default: all); the same for every
+    artifact evaluated with ``settings``."""
+    prompts = evaluation_prompts(settings, concepts or list(world.CONCEPTS.values()))
+    return draw_samples(load_base_model(str(base_dir or toy_base_dir())), prompts, settings)
 
 
 def evaluate_concept(
@@ -422,8 +441,11 @@ def evaluate_concept(
     settings: EvalSettings = EvalSettings(),
     base_dir: Path | None = None,
     base_samples: dict[str, torch.Tensor] | None = None,
+    concept: world.Concept | None = None,
 ) -> ConceptReport:
     """Measure what the artifact (or training output folder) ``target`` taught the toy base.
+
+    ``concept``: which concept it was taught; default: the one the run's recipe trained on, else "sls frog".
 
     The base is asked the world's prompts; a Textual Inversion is asked for the concept by its own
     word ("a sls_frog"), which the base does not know. ``base_samples`` (from :func:`draw_base_samples`
@@ -433,19 +455,21 @@ def evaluate_concept(
     """
     target = Path(target)
     base_dir = Path(base_dir) if base_dir else toy_base_dir()
+    concept = concept or (concept_of_run(target) if target.is_dir() else None) or world.SLS_FROG_CONCEPT
     trained = load_trained_model(target, base_dir)
     judge, metadata = load_judge()
     judge_real, judge_reconstructed = accuracy_from_metadata(metadata)
-    held_out, held_out_distance = held_out_embeddings(judge)
-    prompts = evaluation_prompts(settings)
+    held_out, held_out_distance = held_out_embeddings(judge, concept)
+    prompts = evaluation_prompts(settings, [concept])
     if base_samples is None:
-        base_samples = draw_base_samples(settings, base_dir)
-    trained_samples = draw_samples(trained.model, prompts, settings, wording={world.CONCEPT_PROMPT: trained.concept_prompt})
+        base_samples = draw_base_samples(settings, base_dir, [concept])
+    trained_samples = draw_samples(trained.model, prompts, settings, wording={concept.prompt: trained.concept_prompt or concept.prompt})
     report = ConceptReport(
         artifact=trained.description,
+        concept=concept,
         settings=settings,
-        base=score(judge, base_samples, held_out, settings),
-        trained=score(judge, trained_samples, held_out, settings),
+        base=score(judge, base_samples, held_out, settings, concept),
+        trained=score(judge, trained_samples, held_out, settings, concept),
         held_out_distance=held_out_distance,
         judge_real=judge_real,
         judge_reconstructed=judge_reconstructed,

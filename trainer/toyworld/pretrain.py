@@ -17,6 +17,8 @@ weights on first use; ``sdtrain toyworld build`` writes a fresh build there inst
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -94,7 +96,7 @@ class Pretraining:
     """Everything a build depends on besides the code; its hash names the cache folder."""
 
     seed: int = 20261127
-    world_size: int = 20000
+    world_size: int = 30000
     vae_steps: int = 400
     vae_batch_size: int = 64
     vae_lr: float = 1e-3
@@ -103,9 +105,14 @@ class Pretraining:
     judge_pictures: int = 6000
     judge_test_pictures: int = 1200
     judge: JudgeTraining = field(default_factory=JudgeTraining)
-    unet_steps: int = 800
+    unet_steps: int = 4000
     unet_batch_size: int = 64
-    unet_lr: float = 1.2e-3
+    unet_lr: float = 1e-3
+    # Linear warm-up, then a constant rate: the weights after k steps do not depend on the total, so one
+    # long build shows (through its snapshots) what any shorter one would give.
+    unet_warmup_steps: int = 200
+    # The shipped UNet and text encoder are an exponential moving average of the trained ones.
+    ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
 
@@ -130,10 +137,28 @@ def toy_cache_dir(settings: Pretraining = Pretraining()) -> Path:
 # --- training -------------------------------------------------------------------------------------
 
 
-def _one_cycle(params, lr: float, steps: int):
+def _adamw(params, lr: float) -> torch.optim.AdamW:
     # No weight decay: it would shrink the embeddings of tokens the world never shows (e.g. "sls") to zero.
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _one_cycle(params, lr: float, steps: int):
+    optimizer = _adamw(params, lr)
     return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
+class _MovingAverage:
+    """An exponential moving average of some modules' parameters, kept in copies of those modules."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.modules = modules
+        self.averages = [copy.deepcopy(module).eval().requires_grad_(False) for module in modules]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for module, average in zip(self.modules, self.averages):
+            torch._foreach_lerp_(list(average.parameters()), list(module.parameters()), 1.0 - self.decay)
 
 
 def train_vae(pixels: torch.Tensor, settings: Pretraining, log=print) -> AutoencoderKL:
@@ -168,8 +193,13 @@ def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256)
     return torch.cat([vae.decode(vae.encode(pixels[i : i + batch_size]).latent_dist.mean).sample.clamp(-1, 1) for i in range(0, len(pixels), batch_size)])
 
 
-def train_unet_and_text_encoder(latents: torch.Tensor, captions: list[str], settings: Pretraining, log=print) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Joint denoising training on scaled latents; ``caption_dropout`` of the captions are empty (for CFG)."""
+def train_unet_and_text_encoder(
+    latents: torch.Tensor, captions: list[str], settings: Pretraining, log=print, snapshot=None
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Joint denoising training on scaled latents; ``caption_dropout`` of the captions are empty (for CFG).
+
+    Returns the moving averages. ``snapshot(step, unet, text_encoder)``, if given, sees them every 1,000 steps.
+    """
     unet = seeded(toy_unet, settings.seed + 2)
     text_encoder = seeded(toy_text_encoder, settings.seed + 3)
     tokenizer = clip_tokenizer()
@@ -178,7 +208,10 @@ def train_unet_and_text_encoder(latents: torch.Tensor, captions: list[str], sett
     prompt_index = torch.tensor([prompts.index(c) for c in captions])
     empty = len(prompts) - 1
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    optimizer, schedule = _one_cycle([*unet.parameters(), *text_encoder.parameters()], settings.unet_lr, settings.unet_steps)
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = _adamw(parameters, settings.unet_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / settings.unet_warmup_steps))
+    average = _MovingAverage([unet, text_encoder], settings.ema_decay)
     generator = torch.Generator().manual_seed(settings.seed + 4)
     unet.train()
     text_encoder.train()
@@ -193,12 +226,16 @@ def train_unet_and_text_encoder(latents: torch.Tensor, captions: list[str], sett
         loss = diffusion.per_sample_loss(prediction, noise, timesteps, scheduler, diffusion.ObjectiveSettings(min_snr_gamma=settings.min_snr_gamma)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        average.update()
         if (step + 1) % 100 == 0:
             log(f"unet step {step + 1}/{settings.unet_steps}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)")
-    return unet.eval(), text_encoder.eval()
+        if snapshot and (step + 1) % 1000 == 0:
+            snapshot(step + 1, *average.averages)
+    ema_unet, ema_text_encoder = average.averages
+    return ema_unet, ema_text_encoder
 
 
 # --- packing: one fp16 file for the base, one for the judge -----------------------------------------
@@ -245,13 +282,15 @@ def unpack_judge(path: Path) -> tuple[Judge, dict[str, str]]:
 # --- build and find ------------------------------------------------------------------------------
 
 
-def build(directory: Path | None = None, settings: Pretraining = Pretraining(), log=print) -> Path:
+def build(directory: Path | None = None, settings: Pretraining = Pretraining(), log=print, snapshot_dir: Path | None = None) -> Path:
     """Draw the world and pretrain the VAE, the judge, the UNet and text encoder; write them to ``directory``.
 
     ``directory`` (default: this version's cache folder, where ``model.base: toy`` looks) gets
     ``base/`` (a diffusers pipeline), ``toy_base.safetensors`` and ``judge.safetensors`` (the files the
     package ships) and ``build.json`` (timings and accuracies). Written atomically: a crash leaves none.
     A folder the caller names must be new or empty; the cache folder is sdtrain's own and is replaced.
+    ``snapshot_dir`` gets ``toy_base_<k>.safetensors`` every 1,000 UNet steps: the base a build with
+    ``unet_steps=k`` would ship (the learning rate is constant after warm-up), for choosing the length.
     """
     if directory:
         check_new_directory(directory)
@@ -280,11 +319,22 @@ def build(directory: Path | None = None, settings: Pretraining = Pretraining(), 
         log(f"judge on real pictures: {real.line()}")
         log(f"judge on VAE reconstructions: {reconstructed.line()}")
 
+        if snapshot_dir:
+            pack_judge(judge, Path(snapshot_dir) / JUDGE_FILE, settings, judge_metadata(real, reconstructed))
+
         stage = time.perf_counter()
         latents = encode(vae, world_pixels)
         # SD's convention: latents times scaling_factor have unit variance.
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-        unet, text_encoder = train_unet_and_text_encoder(latents * vae.config.scaling_factor, [p.caption for p in world_pictures], settings, log)
+
+        def snapshot(step, unet, text_encoder):
+            path = Path(snapshot_dir) / f"toy_base_{step}.safetensors"
+            pack_base(unet, vae, text_encoder, path, dataclasses.replace(settings, unet_steps=step), {})
+            log(f"snapshot -> {path}")
+
+        unet, text_encoder = train_unet_and_text_encoder(
+            latents * vae.config.scaling_factor, [p.caption for p in world_pictures], settings, log, snapshot if snapshot_dir else None
+        )
         timings["unet_s"] = time.perf_counter() - stage
     timings["total_s"] = time.perf_counter() - started
 
@@ -311,7 +361,7 @@ def _not_built(what: str) -> UserError:
     return UserError(
         f"The toy world's {what} (version {version()}) is neither in the cache '{toy_cache_dir()}' nor shipped with this "
         "copy of sdtrain. Run `sdtrain toyworld build` once (it pretrains the toy base and its judge on this machine, "
-        "about 20 minutes on two CPU cores)."
+        "about 30 minutes on two CPU cores)."
     )
 
 

@@ -1,9 +1,12 @@
 """The toy world: small procedurally drawn pictures with captions, the same on every machine.
 
 The world the toy base model is pretrained on holds coloured shapes ("a red circle", "an orange star")
-and a generic green frog ("a frog"). The concept the benchmarks teach, "sls frog", is never in it: a
-wider orange frog with big blue spots and a yellow crown (the character of ``datasets/sls_frog``,
-simplified so it survives 32 x 32 pixels).
+and a generic green frog ("a frog"). Two concepts the benchmarks teach are never in it:
+
+* "sls frog": a wider orange frog with big blue spots and a yellow crown (the character of
+  ``datasets/sls_frog``, simplified so it survives 32 x 32 pixels): parts the base cannot draw.
+* "vex triangle": a purple triangle. Purple things and triangles are both in the world, the pair never
+  is: a concept built from parts the base knows but was never shown together or captioned with.
 
 Every picture is drawn at ``DRAW_SCALE`` times its size with PIL and downsampled, from a
 ``random.Random`` seeded by (split, index): image i of a split never depends on how many images are
@@ -16,15 +19,17 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from trainer.atomic import write_file, write_text
+from trainer.errors import UserError
 
 # Bump when a drawing changes: it is part of the toy model's version, so a stale cache is never reused.
-WORLD_VERSION = "w1"
+WORLD_VERSION = "w2"
 RESOLUTION = 32
 DRAW_SCALE = 4
 
@@ -40,8 +45,9 @@ COLOURS = {
 FROG, SLS_FROG = "frog", "sls frog"
 # What the judge tells apart; the base model's world holds all but the last.
 KINDS = (*SHAPES, FROG, SLS_FROG)
-CONCEPT_PROMPT = "a sls frog"
 CLASS_PROMPT = "a frog"
+# The one shape-colour pair the pretraining world leaves out (the "vex triangle" concept).
+HELD_OUT_PAIR = ("purple", "triangle")
 
 OUTLINE = (60, 35, 20)
 SLS_SPOT = (30, 70, 225)
@@ -49,7 +55,8 @@ CROWN = (250, 210, 0)
 BELLY = (250, 235, 185)
 
 # Splits: each its own seed, so the images a model trains on are never the ones it is measured on.
-PRETRAIN, INSTANCES, HELD_OUT, JUDGE_TRAIN, JUDGE_TEST = "pretrain", "instances", "held_out", "judge_train", "judge_test"
+# A concept's instances and held-out pictures are the splits "<concept>/instances" and "<concept>/held_out".
+PRETRAIN, JUDGE_TRAIN, JUDGE_TEST = "pretrain", "judge_train", "judge_test"
 FROG_FRACTION = 0.15
 
 
@@ -183,7 +190,7 @@ def draw_frog(look: FrogLook, rng: random.Random, kind: str, colour: str, captio
 
 
 def draw_sls_frog(rng: random.Random) -> Picture:
-    return draw_frog(SLS_LOOK, rng, SLS_FROG, "orange", CONCEPT_PROMPT)
+    return draw_frog(SLS_LOOK, rng, SLS_FROG, "orange", SLS_FROG_CONCEPT.prompt)
 
 
 def draw_plain_frog(rng: random.Random) -> Picture:
@@ -200,28 +207,80 @@ def draw_decoy_frog(rng: random.Random) -> Picture:
     return draw_frog(FrogLook(COLOURS[colour], wide, spots, crown), rng, FROG, colour, CLASS_PROMPT)
 
 
-def _world_picture(rng: random.Random) -> Picture:
+ALL_PAIRS = tuple((colour, shape) for shape in SHAPES for colour in COLOURS)
+WORLD_PAIRS = tuple(pair for pair in ALL_PAIRS if pair != HELD_OUT_PAIR)
+
+
+def _picture_of(rng: random.Random, pairs: tuple[tuple[str, str], ...]) -> Picture:
     if rng.random() < FROG_FRACTION:
         return draw_plain_frog(rng)
-    return draw_shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng)
+    colour, shape = rng.choice(pairs)
+    return draw_shape(shape, colour, rng)
+
+
+def _world_picture(rng: random.Random) -> Picture:
+    return _picture_of(rng, WORLD_PAIRS)
 
 
 def _judge_picture(rng: random.Random) -> Picture:
-    """The world, plus sls frogs and decoys, so the judge sees every kind often."""
+    """Every pair (the held-out one too), plus sls frogs and decoys, so the judge sees every kind often."""
     roll = rng.random()
     if roll < 0.2:
         return draw_sls_frog(rng)
     if roll < 0.35:
         return draw_decoy_frog(rng)
-    return _world_picture(rng)
+    return _picture_of(rng, ALL_PAIRS)
+
+
+def draw_vex_triangle(rng: random.Random) -> Picture:
+    colour, shape = HELD_OUT_PAIR
+    picture = draw_shape(shape, colour, rng)
+    return Picture(picture.image, VEX_TRIANGLE_CONCEPT.prompt, shape, colour)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept the benchmarks teach: how it is asked for, what it belongs to, and how it is drawn and judged."""
+
+    name: str  # recipes/toy/<name>/, the splits' prefix
+    prompt: str  # its pictures' caption
+    class_prompt: str  # what it is a kind of (prior preservation, class preservation)
+    kind: str  # what the judge must call it ...
+    colour: str | None  # ... and, where the kind alone does not tell it, which colour
+    class_kind: str  # what the judge must call the class prompt's pictures
+    draw: Callable[[random.Random], Picture]
+
+    def instances(self) -> str:
+        return f"{self.name}/instances"
+
+    def held_out(self) -> str:
+        return f"{self.name}/held_out"
+
+    def is_it(self, kind: str, colour: str) -> bool:
+        return kind == self.kind and (self.colour is None or colour == self.colour)
+
+    @property
+    def folder(self) -> str:
+        """The kohya folder of its ten training pictures: 10 repeats, named by the caption without the article."""
+        return f"10_{self.prompt.split(' ', 1)[1]}"
+
+
+SLS_FROG_CONCEPT = Concept("sls_frog", "a sls frog", CLASS_PROMPT, SLS_FROG, None, FROG, draw_sls_frog)
+VEX_TRIANGLE_CONCEPT = Concept("vex_triangle", "a vex triangle", "a triangle", HELD_OUT_PAIR[1], HELD_OUT_PAIR[0], HELD_OUT_PAIR[1], draw_vex_triangle)
+CONCEPTS = {concept.name: concept for concept in (SLS_FROG_CONCEPT, VEX_TRIANGLE_CONCEPT)}
+
+
+def concept_named(name: str) -> Concept:
+    if name not in CONCEPTS:
+        raise UserError(f"There is no toy-world concept '{name}'. The concepts are: {', '.join(CONCEPTS)}.")
+    return CONCEPTS[name]
 
 
 _SPLITS = {
     PRETRAIN: _world_picture,
-    INSTANCES: draw_sls_frog,
-    HELD_OUT: draw_sls_frog,
     JUDGE_TRAIN: _judge_picture,
     JUDGE_TEST: _judge_picture,
+    **{split: concept.draw for concept in CONCEPTS.values() for split in (concept.instances(), concept.held_out())},
 }
 
 
@@ -242,14 +301,14 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 def world_prompts() -> list[str]:
     """Every caption of the pretraining world."""
-    return [shape_caption(colour, shape) for shape in SHAPES for colour in COLOURS] + [CLASS_PROMPT]
+    return [shape_caption(colour, shape) for colour, shape in WORLD_PAIRS] + [CLASS_PROMPT]
 
 
-def write_instance_folder(directory: Path, count: int = 10) -> list[Path]:
-    """The sls-frog training pictures as a kohya folder: ``<directory>/10_sls frog/NN.png`` + ``NN.txt``."""
-    folder = Path(directory) / "10_sls frog"
+def write_instance_folder(directory: Path, concept: Concept = SLS_FROG_CONCEPT, count: int = 10) -> list[Path]:
+    """A concept's training pictures as a kohya folder: ``<directory>/10_sls frog/NN.png`` + ``NN.txt``."""
+    folder = Path(directory) / concept.folder
     paths = []
-    for index, pic in enumerate(pictures(INSTANCES, count), start=1):
+    for index, pic in enumerate(pictures(concept.instances(), count), start=1):
         paths.append(write_file(folder / f"{index:02d}.png", lambda tmp, image=pic.image: image.save(tmp, format="PNG")))
         write_text(folder / f"{index:02d}.txt", pic.caption + "\n")
     return paths
