@@ -81,6 +81,17 @@ def test_toyworld_build_refuses_a_folder_that_holds_files_before_it_trains(tmp_p
     assert _tree(tmp_path / "world") == {"keep.txt": b"mine"}
 
 
+def test_a_file_destination_that_is_an_empty_folder_is_refused(tmp_path, capsys):
+    # Only a destination that is itself a folder may be an empty one; a file's name must be free.
+    (tmp_path / "converted.safetensors").mkdir()
+    source = tmp_path / "model"  # refused before the source is read
+    source.mkdir()
+    code, _, err = _run(capsys, "convert", source, tmp_path / "converted.safetensors")
+    _one_paragraph_error(code, err)
+    assert "already exists" in err and "empty folder" in err
+    assert not any((tmp_path / "converted.safetensors").iterdir())
+
+
 def test_a_file_put_into_the_destination_meanwhile_is_kept(tmp_path):
     from trainer.errors import UserError
 

@@ -112,19 +112,23 @@ def _remove(path: Path) -> None:
 # --- new folders: the user named the destination -------------------------------------------------
 
 
-def refuse_to_replace(paths: Iterable[Path | str], instead: str) -> None:
-    """One UserError naming every path of ``paths`` that holds something (a file, a link, a folder that is
-    not empty): sdtrain never replaces what the user did not ask it to. ``instead`` says what to do."""
-    taken = [Path(p) for p in paths if os.path.lexists(p) and not (Path(p).is_dir() and not any(Path(p).iterdir()))]
+def refuse_to_replace(paths: Iterable[Path | str], instead: str, *, empty_folder_is_free: bool = False) -> None:
+    """One UserError naming every path of ``paths`` that exists: sdtrain never replaces what the user did
+    not ask it to. ``instead`` says what to do. With ``empty_folder_is_free`` (the destination may be a
+    folder the writer fills) an empty folder is not counted as taken."""
+    def empty_folder(path: Path) -> bool:
+        return path.is_dir() and not any(path.iterdir())
+
+    taken = [Path(p) for p in paths if os.path.lexists(p) and not (empty_folder_is_free and empty_folder(Path(p)))]
     if taken:
-        names = ", ".join(f"'{p}'" + (" (a folder that is not empty)" if p.is_dir() else "") for p in taken)
+        names = ", ".join(f"'{p}'" + ((" (an empty folder)" if empty_folder(p) else " (a folder that is not empty)") if p.is_dir() else "") for p in taken)
         verb = "exists" if len(taken) == 1 else "exist"
         raise UserError(f"{names} already {verb}, and sdtrain does not replace what you did not ask it to. {instead}")
 
 
 def check_new_directory(path: Path) -> None:
     """Refuse a destination that exists and is not an empty folder: it holds something of the user's."""
-    refuse_to_replace([path], "Choose another folder, or empty or remove that one yourself and run again.")
+    refuse_to_replace([path], "Choose another folder, or empty or remove that one yourself and run again.", empty_folder_is_free=True)
 
 
 def _rename_into_empty(tmp: Path, path: Path) -> None:

@@ -98,7 +98,6 @@ def _toyworld_bench(args: argparse.Namespace) -> int:
 
 def _eval_concept(args: argparse.Namespace) -> int:
     from trainer.toyworld.evaluate import EvalSettings, evaluate_concept
-
     from trainer.toyworld.world import concept_named
 
     concept = concept_named(args.concept) if args.concept else None

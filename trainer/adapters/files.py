@@ -99,7 +99,7 @@ def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:
 def check_output(path: Path, overwrite: bool) -> Path:
     """Refuse to replace an existing file, or a folder that holds anything, unless ``--overwrite`` was given."""
     if not overwrite:
-        refuse_to_replace([path], "Choose another path, or add --overwrite to replace it.")
+        refuse_to_replace([path], "Choose another path, or add --overwrite to replace it.", empty_folder_is_free=True)
     return Path(path)
 
 
