@@ -92,6 +92,15 @@ def test_a_file_destination_that_is_an_empty_folder_is_refused(tmp_path, capsys)
     assert not any((tmp_path / "converted.safetensors").iterdir())
 
 
+@pytest.mark.parametrize("content", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all"], ids=["empty", "bad-header"])
+def test_a_broken_safetensors_source_is_named_in_one_paragraph(tmp_path, capsys, content):
+    source = tmp_path / "model.safetensors"
+    source.write_bytes(content)
+    code, _, err = _run(capsys, "convert", source, tmp_path / "converted.safetensors")
+    _one_paragraph_error(code, err)
+    assert str(source) in err and "truncated" in err
+
+
 def test_a_file_put_into_the_destination_meanwhile_is_kept(tmp_path):
     from trainer.errors import UserError
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save as serialize
 
 from trainer.atomic import write_bytes
+from trainer.errors import UserError
 
 
 def data_section(serialized: bytes) -> bytes:
@@ -50,9 +51,17 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as handle:
-        (header_length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_length))
+    """The file's ``__metadata__``; a UserError naming the file when its header cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            (header_length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError) as err:  # a short file, a length past its end, a header that is not JSON
+        raise UserError(
+            f"'{path}' cannot be read as a safetensors file ({err or 'too short'}). The file may be truncated; copy or download it again."
+        ) from None
     return header.get("__metadata__", {})
 
 
