@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from trainer.atomic import write_text
 from trainer.errors import UserError
 from trainer.examples import example_path
 from trainer.recipe import Recipe, load_recipe
 from trainer.toyworld import world
-from trainer.toyworld.evaluate import ConceptReport, EvalSettings, Mean, ModelScores, Rate, change_interval, draw_base_samples, evaluate_concept
+from trainer.toyworld.evaluate import (
+    ConceptReport, EvalSettings, Mean, ModelScores, Rate, change_text, concept_of_recipe, draw_base_samples, evaluate_concept,
+)
 
 TOY_RECIPES = example_path("recipes", "toy")
 # Three training seeds per row: the spread they give is part of the answer.
@@ -56,15 +56,16 @@ class BenchResult:
     report: ConceptReport
 
 
-def recipe_concept(path: Path) -> world.Concept:
-    """The concept a toy recipe teaches: the one whose folder its data.dir names."""
-    data_dir = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("data", {}).get("dir", "")
-    return world.CONCEPTS[Path(str(data_dir)).name]
+def _concept(path: Path) -> world.Concept:
+    concept = concept_of_recipe(path)
+    if concept is None:
+        raise UserError(f"The toy recipe '{path}' trains on a data.dir that is none of {', '.join(f'recipes/toy/{name}' for name in world.CONCEPTS)}.")
+    return concept
 
 
 def _load(path: Path, overrides: list[str] | tuple[str, ...]) -> Recipe:
     # The recipes name their data relative to the repository root; the bench runs from anywhere.
-    return load_recipe(path, [f"data.dir={TOY_RECIPES / recipe_concept(path).name}", *overrides])
+    return load_recipe(path, [f"data.dir={TOY_RECIPES / _concept(path).name}", *overrides])
 
 
 def _class_dir(output_root: Path, concept: world.Concept) -> Path:
@@ -81,10 +82,19 @@ def bench_runs(
 ) -> list[BenchRun]:
     """The runs of every toy recipe whose method is in ``methods`` and concept in ``concepts`` (default: all),
     with (True in ``priors``) and without (False) prior preservation where it applies, once per seed, each
-    with ``overrides`` (key=value)."""
+    with ``overrides`` (key=value). A method or concept no toy recipe has is refused."""
+    recipes = [(path, _load(path, []).method, _concept(path)) for path in sorted(TOY_RECIPES.glob("*.yaml"))]
+    for name in concepts or []:
+        world.concept_named(name)
+    known = {method for _, method, _ in recipes}
+    unknown = sorted(set(methods or []) - known)
+    if unknown:
+        raise UserError(
+            f"No toy recipe in '{TOY_RECIPES}' uses the method(s) {', '.join(unknown)}; they are: {', '.join(sorted(known))}. "
+            "(Recipe overrides such as train.lr=1e-3 go before --methods, or after `--`.)"
+        )
     runs = []
-    for path in sorted(TOY_RECIPES.glob("*.yaml")):
-        method, concept = _load(path, []).method, recipe_concept(path)
+    for path, method, concept in recipes:
         if (methods is not None and method not in methods) or (concepts is not None and concept.name not in concepts):
             continue
         class_dir = _class_dir(output_root, concept)
@@ -128,6 +138,18 @@ def _spread(rates: list[Rate]) -> str:
     return f"{min(values):.2f}..{max(values):.2f}" if len(values) > 1 else ""
 
 
+def _cells(scores: list[ModelScores], base: ModelScores | None) -> list[str]:
+    """A row's measures, its seeds' scores pooled; changes against ``base`` (none for the base's own row)."""
+    concept, preservation, drift = (_pooled([getattr(s, key) for s in scores]) for key in ("concept", "preservation", "drift"))
+    return [
+        concept.text(), _spread([s.concept for s in scores]), change_text(concept, base.concept) if base else "",
+        Mean(tuple(d for s in scores for d in s.concept_distance.values)).text(),
+        preservation.text(), change_text(preservation, base.preservation) if base else "",
+        drift.text(), change_text(drift, base.drift) if base else "",
+        _pooled([s.drift_leaks for s in scores]).text(),
+    ]
+
+
 def markdown_table(results: list[BenchResult]) -> str:
     """Per concept: one row for the base and one per run (its seeds pooled), with 95 % intervals and mean wall times."""
     tables = []
@@ -142,28 +164,13 @@ def markdown_table(results: list[BenchResult]) -> str:
             f"| \"{concept.class_prompt}\" -> {concept.class_kind} | change | shapes right (pooled) | change | shapes -> {name} or {concept.class_kind} |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-
-        def change(after, before) -> str:
-            difference, low, high = change_interval(after, before)
-            return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-        def cells(scores: list[ModelScores], base: ModelScores | None) -> list[str]:
-            concept_rate, preservation, drift = (_pooled([getattr(s, key) for s in scores]) for key in ("concept", "preservation", "drift"))
-            return [
-                concept_rate.text(), _spread([s.concept for s in scores]), change(concept_rate, base.concept) if base else "",
-                Mean(tuple(d for s in scores for d in s.concept_distance.values)).text(),
-                preservation.text(), change(preservation, base.preservation) if base else "",
-                drift.text(), change(drift, base.drift) if base else "",
-                _pooled([s.drift_leaks for s in scores]).text(),
-            ]
-
         base = next(iter(rows_of.values()))[0].report.base
-        rows = ["| " + " | ".join(["base", "", "", "", "", "", *cells([base], None)]) + " |"]
+        rows = ["| " + " | ".join(["base", "", "", "", "", "", *_cells([base], None)]) + " |"]
         for label, group in rows_of.items():
             first = group[0]
             timing = [first.method, str(first.steps), str(len(group)),
                       f"{sum(r.train_seconds for r in group) / len(group):.0f}", f"{sum(r.eval_seconds for r in group) / len(group):.0f}"]
-            rows.append("| " + " | ".join([label, *timing, *cells([r.report.trained for r in group], base)]) + " |")
+            rows.append("| " + " | ".join([label, *timing, *_cells([r.report.trained for r in group], base)]) + " |")
         tables.append("\n".join([f"### {concept.prompt}", "", *header, *rows]))
     return "\n\n".join(tables)
 
@@ -188,15 +195,6 @@ def toyworld_bench(
     from trainer.loop import train
 
     output_root = Path(output_root)
-    for name in concepts or []:
-        world.concept_named(name)
-    known = {_load(path, []).method for path in TOY_RECIPES.glob("*.yaml")}
-    unknown = sorted(set(methods or []) - known)
-    if unknown:
-        raise UserError(
-            f"No toy recipe in '{TOY_RECIPES}' uses the method(s) {', '.join(unknown)}; they are: {', '.join(sorted(known))}. "
-            "(Recipe overrides such as train.lr=1e-3 go before --methods, or after `--`.)"
-        )
     runs = bench_runs(output_root, methods, tuple(overrides), seeds, concepts, priors)
     used = list(dict.fromkeys(run.concept for run in runs))
     for concept in dict.fromkeys(run.concept for run in runs if run.prior):

@@ -86,6 +86,12 @@ def change_interval(after: Rate, before: Rate) -> tuple[float, float, float]:
     return difference, difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
+def change_text(after: Rate, before: Rate) -> str:
+    """"+0.80 [+0.68, +0.86]": the change and its Newcombe interval, as the reports print it."""
+    difference, low, high = change_interval(after, before)
+    return f"{difference:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 @dataclass(frozen=True)
 class Mean:
     values: tuple[float, ...]
@@ -165,12 +171,10 @@ def concept_prompt_for_word(word: str) -> str:
     return f"a {word}"
 
 
-def concept_of_run(directory: Path) -> world.Concept | None:
-    """The concept a toy run trained on: the one whose ``recipes/toy/<name>`` folder its recipe's data.dir is."""
-    recipe_path = Path(directory) / "recipe.yaml"
-    if not recipe_path.is_file():
-        return None
-    data_dir = (yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}).get("data", {}).get("dir") or ""
+def concept_of_recipe(recipe_path: Path) -> world.Concept | None:
+    """The toy concept a recipe (a toy recipe, or a run's recipe.yaml) trains on: the one whose
+    ``recipes/toy/<name>`` folder its data.dir is; None for other data."""
+    data_dir = (yaml.safe_load(Path(recipe_path).read_text(encoding="utf-8")) or {}).get("data", {}).get("dir") or ""
     return world.CONCEPTS.get(Path(str(data_dir)).name)
 
 
@@ -361,8 +365,7 @@ class ConceptReport:
         name = concept.prompt.split(" ", 1)[1]
 
         def row(measure: str, prompt: str, before: Rate, after: Rate) -> str:
-            difference, low, high = change_interval(after, before)
-            return f"| {measure} | {prompt} | {before.text()} | {after.text()} | {difference:+.2f} [{low:+.2f}, {high:+.2f}] |"
+            return f"| {measure} | {prompt} | {before.text()} | {after.text()} | {change_text(after, before)} |"
 
         lines = [
             "# Concept evaluation on the toy world",
@@ -455,7 +458,8 @@ def evaluate_concept(
     """
     target = Path(target)
     base_dir = Path(base_dir) if base_dir else toy_base_dir()
-    concept = concept or (concept_of_run(target) if target.is_dir() else None) or world.SLS_FROG_CONCEPT
+    run_recipe = target / "recipe.yaml"
+    concept = concept or (concept_of_recipe(run_recipe) if run_recipe.is_file() else None) or world.SLS_FROG_CONCEPT
     trained = load_trained_model(target, base_dir)
     judge, metadata = load_judge()
     judge_real, judge_reconstructed = accuracy_from_metadata(metadata)
