@@ -10,6 +10,7 @@ thread per process.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,27 +113,32 @@ def test_two_processes_compute_the_one_process_gradient(runs, method):
     assert_close_in_norm(actual, expected, _gradient_rounding(), what=f"{method}: the step-1 gradient of 2 processes")
 
 
-@pytest.mark.parametrize("method", list(RECIPES))
-def test_two_processes_train_the_one_process_weights(runs, method):
-    one, two = runs[method]
-    start, expected, actual = _tensors(one, 1, "trainable"), _tensors(one, STEPS, "trainable"), _tensors(two, STEPS, "trainable")
+def _assert_same_training(one: Path, two: Path, steps: int, what: str) -> None:
+    """The weights ``two`` trained in ``steps`` steps are ``one``'s up to float rounding."""
+    start, expected, actual = _tensors(one, 1, "trainable"), _tensors(one, steps, "trainable"), _tensors(two, steps, "trainable")
     # Compared in norm: what the steps after step 1 moved the weights by, measured from one process's step-1
     # weights (the two runs' step-1 weights differ only by step 1's rounding, counted below).
     change_one = _flat(expected) - _flat(start)
     change_two = _flat(actual) - _flat(start)
     assert change_one.norm() > 0
-    # Each of the STEPS updates carries the gradient's rounding (AdamW with eps 1 moves with it by at most
-    # lr per unit, see _command); the next gradients see weights that differ by that much, which the
-    # model's forward and backward pass on without amplifying beyond the depth counted: safety STEPS.
-    # Adding an update of |u| to a weight of |w| rounds relative to |w|: STEPS more roundings of ||w||,
-    # FP32 x sqrt(STEPS) x ||w||, far below the first term at these step sizes.
+    # Each of the updates carries the gradient's rounding (AdamW with eps 1 moves with it by at most lr per
+    # unit, see _command); the next gradients see weights that differ by that much, which the model's
+    # forward and backward pass on without amplifying beyond the depth counted: safety = steps. Adding an
+    # update of |u| to a weight of |w| rounds relative to |w|: `steps` more roundings of ||w||,
+    # FP32 x sqrt(steps) x ||w||, far below the first term at these step sizes.
     gradient = _gradient_rounding()
-    bound = Rounding(gradient.unit, gradient.terms, gradient.depth, safety=STEPS)
+    bound = Rounding(gradient.unit, gradient.terms, gradient.depth, safety=steps)
     weights = _flat(expected).norm().item()
-    assert relative_error(change_two, change_one) <= bound.bound + 2 * FP32 * STEPS**0.5 * weights / change_one.norm().item(), (
-        f"{method}: the weights 2 processes trained differ from one process's by "
+    assert relative_error(change_two, change_one) <= bound.bound + 2 * FP32 * steps**0.5 * weights / change_one.norm().item(), (
+        f"{what}: the weights 2 processes trained differ from one process's by "
         f"{relative_error(change_two, change_one):.3g} of the change, bound {bound}"
     )
+
+
+@pytest.mark.parametrize("method", list(RECIPES))
+def test_two_processes_train_the_one_process_weights(runs, method):
+    one, two = runs[method]
+    _assert_same_training(one, two, STEPS, method)
 
 
 def _final_trainable(out: Path) -> dict[str, torch.Tensor]:
@@ -209,3 +215,71 @@ def test_a_frozen_part_stays_put_on_every_process(runs):
         before, after = _tensors(run, 2, "trainable"), _tensors(run, 3, "trainable")
         frozen = [key for key in before if key.startswith("text_encoder.")]
         assert frozen and all(torch.equal(before[key], after[key]) for key in frozen), run.name
+
+
+SHARDED_STEPS = 4
+
+
+def _short_batch_data(root: Path) -> Path:
+    """Three instance images seen once per epoch: the global batches of 2 are [2, 1], so in every second
+    micro-step the second process has no sample of its own."""
+    folder = root / "data" / "1_sls frog"
+    folder.mkdir(parents=True)
+    for name in ("01.png", "01.txt", "02.png", "02.txt", "03.png", "03.txt"):
+        shutil.copy(REPO / "datasets" / "sls_frog" / "10_sls frog" / name, folder / name)
+    return folder.parent
+
+
+def test_sharded_model_trains_the_one_process_weights_resumes_and_exports(tmp_path):
+    """train.shard_model (FSDP, ZeRO stage 3): two processes each keeping half of the UNet's and the text
+    encoder's weights, gradients and AdamW state train what one process with the whole batch trains, through
+    short batches (the process without a sample runs a stand-in at weight 0: FSDP gathers the weights with
+    every process) and the text encoder's stop; the checkpoints hold the whole tensors, a killed run resumes
+    to the bit, and the exported model is the trained one."""
+    values = {
+        "data.dir": str(_short_batch_data(tmp_path)), "dreambooth.prior_preservation": False, "train.max_steps": SHARDED_STEPS,
+        # Clipping at a norm no gradient reaches: the norm over the shards is computed, the steps stay
+        # unclipped, so a gradient of the wrong size shows (clipping to 1 would hide one twice as large).
+        "train.gradient_checkpointing": True, "train.max_grad_norm": 1e6,
+    }
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    _train("dreambooth", one, 1, **values)
+    # Samples and the validation loss run the sharded model outside the steps' rhythm (the main process
+    # alone; each process on its share of the images): neither changes the trained weights.
+    sharded_values = {
+        **values, "train.shard_model": True, "sample.every_steps": 2, "sample.prompts": "['sls frog']", "sample.steps": 2,
+        "validation.dir": values["data.dir"], "validation.every_steps": 2,
+    }
+    _train("dreambooth", sharded, 2, **sharded_values)
+    assert len(list((sharded / "samples").iterdir())) == 2
+    assert (sharded / "validation.csv").read_text().count("\n") == 1 + 2
+
+    # The gradients are summed over the processes instead of within one batch: the same terms in another
+    # order, within the gradient's rounding bound.
+    first, second = _tensors(one, 1, "optimizer"), _tensors(sharded, 1, "optimizer")
+    assert sorted(first) == sorted(second)
+    assert_close_in_norm(_flat(second, ".exp_avg"), _flat(first, ".exp_avg"), _gradient_rounding(), what="sharded: the step-1 gradient")
+    _assert_same_training(one, sharded, SHARDED_STEPS, "sharded")
+    # dreambooth.text_encoder_steps is 2: the sharded text encoder stays put after it.
+    after_stop = [_tensors(sharded, step, "trainable") for step in (2, 3, 4)]
+    frozen = [key for key in after_stop[0] if key.startswith("text_encoder.")]
+    assert frozen and all(torch.equal(after_stop[0][key], later[key]) for later in after_stop[1:] for key in frozen)
+
+    # The diffusers folder holds the checkpoint's final weights (in output.save_dtype).
+    final = _tensors(sharded, SHARDED_STEPS, "trainable")
+    for part, file in (("unet", "unet/diffusion_pytorch_model.safetensors"), ("text_encoder", "text_encoder/model.safetensors")):
+        exported = load_file(sharded / "sls_frog_diffusers" / file)
+        trained = {key[len(part) + 1:]: value for key, value in final.items() if key.startswith(part + ".")}
+        assert trained.keys() <= exported.keys()
+        assert all(torch.equal(exported[key], value.to(exported[key].dtype)) for key, value in trained.items()), part
+
+    # A run killed after its step-1 checkpoint resumes, sharded, to the uninterrupted run's weights.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded, resumed)
+    for step in range(2, SHARDED_STEPS + 1):
+        shutil.rmtree(checkpoint_dir(resumed, step))
+    (resumed / "sls_frog.safetensors").unlink()
+    shutil.rmtree(resumed / "sls_frog_diffusers")
+    _train("dreambooth", resumed, 2, "--resume", "latest", **sharded_values)
+    expected, actual = _tensors(sharded, SHARDED_STEPS, "trainable"), _tensors(resumed, SHARDED_STEPS, "trainable")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)

@@ -172,6 +172,8 @@ BAD_VALUES = [
     ("sls_frog_dreambooth", "dreambooth.text_encoder_lr=0", "dreambooth.text_encoder_lr"),
     ("sls_frog_dreambooth", "dreambooth.text_encoder_steps=-1", "dreambooth.text_encoder_steps"),
     ("sls_frog_dreambooth", "dreambooth.ema_decay=1.0", "dreambooth.ema_decay"),
+    ("sls_frog_dreambooth", "train.shard_model=true train.shard_optimizer=true", "train.shard_model"),
+    ("sls_frog_dreambooth", "train.shard_model=true train.optimizer=adamw8bit", "train.shard_model"),
     ("sls_frog_ti", "textual_inversion.placeholder=''", "textual_inversion.placeholder"),
     ("sls_frog_ti", "textual_inversion.placeholder=sls/frog", "textual_inversion.placeholder"),
     ("sls_frog_ti", "textual_inversion.placeholder=Sls_Frog", "textual_inversion.placeholder"),
@@ -246,6 +248,23 @@ def test_fp16_without_a_gpu_is_refused_by_the_loop_before_data_and_model(tmp_pat
     recipe = load_recipe(RECIPES / "sls_frog_lora.yaml", ["train.mixed_precision=fp16", f"data.dir={tmp_path / 'missing'}"])
     with pytest.raises(UserError, match=r"'train\.mixed_precision' is 'fp16', which needs a CUDA GPU"):
         loop.train(recipe, show_progress=False)
+
+
+def test_sharding_the_model_of_an_adapter_method_is_refused_before_data_and_model(tmp_path, no_model):
+    from trainer import loop
+
+    recipe = load_recipe(RECIPES / "sls_frog_lora.yaml", ["train.shard_model=true", f"data.dir={tmp_path / 'missing'}"])
+    with pytest.raises(UserError, match=r"'train\.shard_model' is true, but method 'lora' trains small modules.*train\.shard_optimizer=true"):
+        loop.train(recipe, show_progress=False)
+
+
+def test_a_sharded_dreambooth_with_an_ema_is_refused_before_training(tmp_path):
+    from trainer import loop
+
+    recipe = load_recipe(RECIPES / "sls_frog_dreambooth.yaml", ["train.shard_model=true", "dreambooth.ema=true", f"output.dir={tmp_path / 'out'}"])
+    with pytest.raises(UserError, match=r"'dreambooth\.ema' and 'train\.shard_model' are both true.*Set dreambooth\.ema=false"):
+        loop.train(recipe, show_progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 # --- the file itself ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def _split_tensors(values: dict, prefix: str, tensors: dict[str, torch.Tensor]) 
     plain = {}
     for key, value in values.items():
         if isinstance(value, torch.Tensor):
-            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+            # Left on its device (a shard of train.shard_model is gathered from there); written from the CPU.
+            tensors[f"{prefix}{key}"] = value.detach()
         elif isinstance(value, dict):
             plain[key] = _split_tensors(value, f"{prefix}{key}/", tensors)
         else:
@@ -139,22 +141,26 @@ def _restore_rng(tensors: dict[str, torch.Tensor], plain: dict, rank: int) -> bo
 
 def save_checkpoint(
     output_dir: Path, progress: Progress, method, optimizer, lr_scheduler, recipe: dict, data_fingerprint: str, source_fingerprint: str, keep: int,
-    world: World = World(), protect: int | None = None,
+    world: World = World(), protect: int | None = None, sharding=None,
 ) -> Path:
     """Write a complete checkpoint atomically, then drop the oldest beyond ``keep`` (see ``_rotate``).
 
     Every process calls it (their RNG states are gathered); the main one writes, and the others wait
     until it has, so none runs ahead of a checkpoint it might be killed before. The checkpoint of step
-    ``protect`` (validation.keep_best's) is never rotated away."""
+    ``protect`` (validation.keep_best's) is never rotated away. With ``sharding`` (a
+    trainer.sharding.ModelSharding) the sharded weights and optimizer state are gathered whole."""
     target = checkpoint_dir(output_dir, progress.step)
     rng_tensors, rng_plain = _gathered_rng_state(world)
-    sharded = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    if hasattr(sharded, "consolidate_state_dict"):
+    sharded_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    if hasattr(sharded_optimizer, "consolidate_state_dict"):
         # train.shard_optimizer: each process holds a share of the state; the main process collects it all.
-        sharded.consolidate_state_dict(to=0)
-    if not world.is_main:
+        sharded_optimizer.consolidate_state_dict(to=0)
+    # train.shard_model: every process takes part in gathering each sharded tensor as the main one writes it.
+    gathering = sharding is not None and sharding.active
+    if not (world.is_main or gathering):
         barrier(world)
         return target
+    trainable = method.trainable_state_dict()
     optimizer_tensors, optimizer_plain = _flatten_optimizer(optimizer.state_dict())
     state = {
         "format": FORMAT_VERSION,
@@ -173,14 +179,20 @@ def save_checkpoint(
         # CPU results are bit-identical only with the same thread count (float sums split by thread).
         "cpu_threads": torch.get_num_threads(),
     }
-    sweep_leftovers(output_dir)
-    with replaced_directory(target) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in method.trainable_state_dict().items()}, tmp / "trainable.safetensors")
-        save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        # state.json last: its presence is what marks the folder's content complete.
-        (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _rotate(Path(output_dir) / "checkpoints", keep, progress.step, protect)
+    if world.is_main:
+        sweep_leftovers(output_dir)
+    with replaced_directory(target) if world.is_main else nullcontext() as tmp:
+        for name, tensors in (("trainable.safetensors", trainable), ("optimizer.safetensors", optimizer_tensors)):
+            if gathering:
+                sharding.save_whole(tensors, tmp / name if tmp else None)
+            else:
+                save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / name)
+        if world.is_main:
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            # state.json last: its presence is what marks the folder's content complete.
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if world.is_main:
+        _rotate(Path(output_dir) / "checkpoints", keep, progress.step, protect)
     barrier(world)
     return target
 

@@ -64,10 +64,10 @@ def world_of(accelerator) -> World:
     kind = accelerator.distributed_type
     if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
         raise UserError(
-            f"accelerate is configured for {kind.value}, which sdtrain does not run yet: its sharded model and optimizer "
-            "need their own checkpoint and gradient handling. Launch with plain data parallelism instead "
-            "(`accelerate config` -> multi-GPU, no DeepSpeed/FSDP; or `sdtrain train RECIPE --processes N`), with train.shard_optimizer=true "
-            "to split the optimizer state across the processes; see docs/distributed.md."
+            f"accelerate is configured for {kind.value}, which sdtrain does not run through accelerate. Launch with plain data "
+            "parallelism (`accelerate config` -> multi-GPU, no DeepSpeed/FSDP; or `sdtrain train RECIPE --processes N`) and let the "
+            "recipe shard: train.shard_model=true splits a full fine-tune's weights, gradients and optimizer state across the processes "
+            "(ZeRO stage 3, with torch's FSDP), train.shard_optimizer=true the optimizer state of any method; see docs/distributed.md."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
@@ -101,7 +101,11 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], world: World) -> None:
     some process counts as zero where it has none (a process that trained no sample of this step); one
     that has none anywhere (e.g. a text encoder after dreambooth.text_encoder_steps) keeps none, so the
     optimizer skips it as it would with one process."""
-    if world.processes == 1:
+    from torch.distributed.tensor import DTensor
+
+    # train.shard_model's shards (trainer.sharding) were summed by FSDP in the backward pass.
+    params = [param for param in params if not isinstance(param, DTensor)]
+    if world.processes == 1 or not params:
         return
     import torch.distributed as dist
 

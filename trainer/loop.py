@@ -32,6 +32,7 @@ from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.recipe import Recipe, recipe_to_dict, recipe_to_yaml, validate_recipe
 from trainer.resume import check_resume, flatten
 from trainer.run_folder import earlier_run, move_aside, refuse_earlier_run
+from trainer.sharding import ModelSharding
 from trainer.validation import IMAGES_NAME as VALIDATION_IMAGES
 from trainer.validation import Validator
 
@@ -252,6 +253,12 @@ def train(
     mixed_precision = _mixed_precision(cfg.mixed_precision)
     output_dir = Path(recipe.output.dir)
     method_cls = method_class(recipe.method)
+    if cfg.shard_model and not method_cls.trains_whole_parts:
+        raise UserError(
+            f"Recipe key 'train.shard_model' is true, but method '{recipe.method}' trains small modules beside a frozen base model; "
+            "sharding the trained weights is for full fine-tunes (method: dreambooth). Set train.shard_model=false; "
+            "train.shard_optimizer=true splits the optimizer state of any method across the processes."
+        )
     # The base is located (its family told) before anything else reads the recipe: the family fills what
     # the recipe leaves to it, in the recipe itself, so checkpoints, resume checks and recipe.yaml agree.
     source = locate_base(recipe.model.base, recipe.model.family, recipe.model.allow_unsafe_pickle)
@@ -315,6 +322,9 @@ def train(
         _data_changed(checkpoint, data, allow_data_change)
     method.setup()
     trainable = _prepare_model(model, method, device, weight_dtype, cfg.gradient_checkpointing)
+    broadcast_parameters(trainable, world)
+    sharding = ModelSharding(method.trainable_modules(), world, cfg.shard_model)
+    trainable = sharding.trained_parameters(trainable)
     optimizer = build_optimizer(method.param_groups(), cfg, world.processes)
     lr_scheduler = build_lr_scheduler(optimizer, cfg)
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
@@ -325,6 +335,7 @@ def train(
     progress = Progress()
     if checkpoint:
         checkpoint.restore(method, optimizer, lr_scheduler, world)
+        sharding.shard_optimizer_state(optimizer)
         progress = checkpoint.progress
         say(f"Resumed from {checkpoint.path} at step {progress.step}.")
         if device.type == "cpu" and checkpoint.state.get("cpu_threads") not in (None, torch.get_num_threads()):
@@ -348,7 +359,6 @@ def train(
     if validator and checkpoint:
         validator.resume_table(checkpoint.progress.step)
 
-    broadcast_parameters(trainable, world)
     if world.is_main:
         if earlier:
             print(f"Moved the earlier run's files ({', '.join(path.name for path in earlier)}) to {move_aside(output_dir, earlier)}")
@@ -388,7 +398,8 @@ def train(
 
     def validate() -> None:
         nonlocal validated_step
-        values = validator.measure(method, model, cache, encode_mean, world, device, accelerator.autocast)
+        with sharding.whole_weights():
+            values = validator.measure(method, model, cache, encode_mean, world, device, accelerator.autocast)
         validated_step = progress.step
         if world.is_main:
             row = validator.record(progress.step, values)
@@ -402,7 +413,8 @@ def train(
         checkpointed.add(progress.step)
         best = validator.best_step(checkpointed) if keep_best else None
         path = save_checkpoint(
-            output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints, world, best
+            output_dir, progress, method, optimizer, lr_scheduler, recipe_dict, data.fingerprint, source_fingerprint, cfg.keep_checkpoints, world, best,
+            sharding,
         )
         result.checkpoints.append(path)
         saved_step = progress.step
@@ -410,8 +422,9 @@ def train(
     def sample() -> None:
         from trainer.sampling import write_samples
 
-        if world.is_main:
-            result.samples += write_samples(model, recipe, progress.step, output_dir / "samples", device)
+        with sharding.whole_weights():
+            if world.is_main:
+                result.samples += write_samples(model, recipe, progress.step, output_dir / "samples", device)
 
     while progress.step < cfg.max_steps:
         batches = data.epoch_batches(progress.epoch)
@@ -421,6 +434,11 @@ def train(
                 step_flops.start(progress.step + 1)
             global_batch = batches[progress.batch_in_epoch]
             samples = world.slice_of(global_batch, cfg.batch_size)
+            # A sharded model's weights are gathered by all processes together, so each one runs every
+            # micro-step's passes: one without samples in a short last batch trains the batch's first at weight 0.
+            stand_in = not samples and sharding.active
+            if stand_in:
+                samples = list(global_batch[:1])
             loss = None
             if samples:
                 batch = data.load_batch(samples, progress.epoch)
@@ -437,6 +455,8 @@ def train(
                     loss = method.loss(TrainingBatch(
                         latents, batch.captions, batch.geometry, batch.loss_weights, noise, timesteps, data.counted_samples(global_batch), input_noise, masks
                     ))
+                if stand_in:
+                    loss = loss * 0.0
             # Each process's loss is its share of the global batch's mean: their sum is that mean.
             (batch_loss,) = sum_over_processes([loss.item() if loss is not None else 0.0], world, device)
             if not math.isfinite(batch_loss):
@@ -491,6 +511,7 @@ def train(
     # open a window in which a kill damages it).
     if progress.step != saved_step:
         save()
+    sharding.to_plain(model)
     if world.is_main:
         context = ExportContext(
             output_dir=output_dir, name=recipe.output.name, step=progress.step, epoch=progress.epoch, started_at=started_at, data=data, processes=world.processes

@@ -147,6 +147,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # With several processes: each keeps only its share of the optimizer state (ZeRO stage 1); not with prodigy.
     shard_optimizer: bool = False
+    # With several processes: each keeps only its share of a full fine-tune's weights, gradients and optimizer
+    # state (ZeRO stage 3, torch FSDP; method dreambooth); not with shard_optimizer, prodigy or adamw8bit.
+    shard_model: bool = False
     noise_offset: float = 0.0
     # Multi-resolution (pyramid) noise: extra noise levels (0 = off; 6-10 is usual) and each level's weight factor.
     multires_noise_iterations: int = 0
@@ -391,6 +394,11 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         ("mixed_precision", cfg.mixed_precision in MIXED_PRECISIONS, one_of(cfg.mixed_precision, MIXED_PRECISIONS)),
         ("shard_optimizer", not (cfg.shard_optimizer and cfg.optimizer == "prodigy"),
          "prodigy estimates its step size from every parameter at once, which a share of them cannot. Use adamw, adamw8bit or adafactor, or set it to false."),
+        ("shard_model", not (cfg.shard_model and cfg.shard_optimizer),
+         "train.shard_optimizer is true too, and shard_model shards the optimizer state already: set train.shard_optimizer=false."),
+        ("shard_model", not (cfg.shard_model and cfg.optimizer in ("prodigy", "adamw8bit")),
+         f"train.optimizer '{cfg.optimizer}' cannot step sharded weights (prodigy needs every parameter at once, bitsandbytes whole tensors). "
+         "Use adamw or adafactor, or set train.shard_model=false (train.shard_optimizer=true works with adamw8bit)."),
         ("noise_offset", 0 <= cfg.noise_offset < math.inf, "it must be 0 (off) or more (0.05 to 0.1 is usual)."),
         ("min_snr_gamma", cfg.min_snr_gamma is None or 0 <= cfg.min_snr_gamma < math.inf, "use null or 0 (off), or a positive gamma (5 is usual)."),
         ("multires_noise_iterations", cfg.multires_noise_iterations >= 0, "it must be 0 (off) or more (6 to 10 is usual)."),

@@ -24,13 +24,15 @@ from trainer.methods import METHODS
 # and measures the validation loss (no gradients, its own seeds): the trained weights do not depend on
 # them. Gradient checkpointing recomputes activations instead of storing them (restoring the RNG for
 # dropout), and a sharded optimizer updates each share with the same elementwise computation: the same
-# result, less memory.
+# result, less memory. A sharded model (train.shard_model) adds up the same gradient terms in another
+# order: the same result up to float rounding, and a checkpoint holds whole tensors either way.
 NO_EFFECT = (
     "train.save_every_steps",
     "train.keep_checkpoints",
     "train.log_every_steps",
     "train.gradient_checkpointing",
     "train.shard_optimizer",
+    "train.shard_model",
     "sample.*",
     "hypernetwork.sample_strength",
     "output.*",

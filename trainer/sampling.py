@@ -39,7 +39,20 @@ def sampling_pipeline(model: BaseModel, device: torch.device):
     """The model family's diffusers pipeline over the model's parts (DDIM sampling), without progress bars."""
     pipe = model.pipeline()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    # Only the parts that are elsewhere move: `to` on a part sharded by train.shard_model, even to where it
+    # is, would put the weights gathered for sampling back into their shards (trainer.sharding).
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module) and not all(_is_on(param.device, device) for param in component.parameters()):
+            component.to(device)
+    return pipe
+
+
+def _is_on(place: torch.device, device: torch.device) -> bool:
+    """Whether a tensor at ``place`` is on ``device``: ``cuda`` means the current GPU, as ``to`` reads it;
+    the CPU is one device whatever its index (accelerate calls it ``cpu:0`` in a distributed run)."""
+    if place.type != device.type or device.type == "cpu":
+        return place.type == device.type
+    return place.index == (device.index if device.index is not None else torch.cuda.current_device())
 
 
 def draw(model: BaseModel, pipe, prompts: list[str], negative_prompt: str, clip_skip: int, max_token_length: int, **call) -> list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +49,55 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         if not isinstance(value, str):
             raise TypeError(f"safetensors metadata '{key}' must be a string, got {type(value).__name__}")
     return write_bytes(path, serialize(tensors, metadata=metadata))
+
+
+# The format's names of the dtypes a checkpoint holds.
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class StreamedSafetensors:
+    """A safetensors file written one tensor at a time, for tensors that are never all in memory at once
+    (a sharded model's, gathered one by one: trainer.sharding). The header is written first from every
+    tensor's dtype and shape, then each tensor's bytes in that order: the same file ``save_file`` writes
+    (8-byte little-endian header length, JSON header padded with spaces to 8 bytes, the data)."""
+
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.handle = open(path, "wb")
+        self.order = list(specs)
+        header, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self.handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        self.specs = specs
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor, in the order of ``specs``."""
+        expected = self.order.pop(0)
+        dtype, shape = self.specs[expected]
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"streamed safetensors: got {name} {tensor.dtype} {tuple(tensor.shape)}, expected {expected} {dtype} {shape}")
+        self.handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.order:
+            raise ValueError(f"streamed safetensors: {len(self.order)} tensors were never written, e.g. {self.order[0]}")
+
+    def __enter__(self) -> StreamedSafetensors:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.handle.close()
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.models.base_model import BaseModel
 from trainer.models.conditioning import ImageGeometry, TextConditioning
 from trainer.recipe import Recipe
+from trainer.sharding import copy_whole_into
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainingMethod:
     name: ClassVar[str]
     # The values output.formats may hold for this method; the first is the default.
     formats: ClassVar[tuple[str, ...]]
+    # Whether it trains whole model parts (a full fine-tune), which train.shard_model can shard.
+    trains_whole_parts: ClassVar[bool] = False
 
     def __init__(self, recipe: Recipe, model: BaseModel):
         self.recipe = recipe
@@ -133,7 +136,7 @@ class TrainingMethod:
             )
         with torch.no_grad():
             for key, value in own.items():
-                value.copy_(tensors[key].to(value.device, value.dtype))
+                copy_whole_into(value, tensors[key])
 
     def text_encoder_trains(self) -> bool:
         return any(p.requires_grad for module in self.model.text_encoder_modules().values() for p in module.parameters())

@@ -61,6 +61,15 @@ class BaseModel:
     def text_encoder_modules(self) -> dict[str, nn.Module]:
         return {te.component: te.model for te in self.text_encoders}
 
+    def replace_part(self, component: str, module: nn.Module) -> None:
+        """Put ``module`` in the place of the part named ``component`` (see ``parts``)."""
+        if component == "unet":
+            self.unet = module
+        elif component == "vae":
+            self.vae = module
+        else:
+            self.text_encoder(component).model = module
+
     def text_encoder(self, component: str) -> TextEncoder:
         return next(te for te in self.text_encoders if te.component == component)
 

@@ -39,6 +39,12 @@ def ema_decay(max_decay: float, steps: int) -> float:
 def _check_config(recipe: Recipe, model: BaseModel) -> None:
     """What the recipe's values (checked in config.py) must also fit in this base model."""
     cfg = recipe.dreambooth
+    if cfg.ema and recipe.train.shard_model:
+        raise UserError(
+            "Recipe keys 'dreambooth.ema' and 'train.shard_model' are both true: the EMA keeps a whole fp32 copy of the weights on "
+            "every process, which sharding is there to avoid, and sdtrain does not shard it yet. Set dreambooth.ema=false, or "
+            "train.shard_model=false (train.shard_optimizer=true still splits the optimizer state)."
+        )
     resolution = cfg.class_resolution or recipe.data.resolution
     if cfg.prior_preservation and resolution % model.vae_scale_factor:
         raise UserError(
@@ -50,6 +56,7 @@ def _check_config(recipe: Recipe, model: BaseModel) -> None:
 class DreamBoothMethod(TrainingMethod):
     name = "dreambooth"
     formats = ("single_file", "diffusers")
+    trains_whole_parts = True
 
     def __init__(self, recipe: Recipe, model: BaseModel):
         super().__init__(recipe, model)
