@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, fast_overrides
-from trainer import loop
+from trainer import loop, warm_start
 from trainer.loop import train
 from trainer.models.base_model import BaseModel
 from trainer.recipe import load_recipe
@@ -56,7 +56,7 @@ def test_latents_are_encoded_before_step_one_and_training_is_unchanged(tmp_path,
     assert events.count("predict") == STEPS
 
     events.clear()
-    monkeypatch.setattr(loop, "_encode_latents_ahead", lambda *args: None)  # as before: encoded when first met
+    monkeypatch.setattr(warm_start, "encode_latents_ahead", lambda *args: None)  # as before: encoded when first met
     when_met = train(_recipe(tmp_path / "when_met"), show_progress=False)
     assert events.count("encode") == encoded and events.count("predict") == STEPS
 

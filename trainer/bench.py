@@ -5,7 +5,7 @@ so its peak memory is its own: the process's peak resident set size on CPU, the 
 ``torch.cuda.max_memory_allocated`` on CUDA. The process runs the ordinary ``trainer.loop.train`` on a
 recipe (by default ``recipes/sls_frog_lora.yaml``, a rank-8 LoRA) whose data is replaced by one image
 of ``datasets/sls_frog`` repeated ``batch_size`` times: every epoch is then the same single batch, so
-with the cache on, it is encoded before step 1 (trainer.loop._encode_latents_ahead) and every step reads
+with the cache on, it is encoded before step 1 (trainer.warm_start.encode_latents_ahead) and every step reads
 cached latents, the steady state of a real run. Sampling, TensorBoard and periodic checkpoints are
 off; the time of each optimizer step comes from ``TrainResult.step_seconds``. With ``--processes N``
 the configuration runs as N processes (trainer.distributed), each with a batch of ``batch_size``; the
@@ -14,7 +14,7 @@ main process's step times and memory are reported.
 Beside the steady state, each row shows how soon the command gets going: the time from launching the
 process to the end of optimizer step 1 (imports, model loading, latent encoding, the step) and to the
 LoRA written. And how close each step comes to the machine's limit: the last warm-up step runs under
-torch's FlopCounterMode (trainer.loop._StepFlops), and after training the same process times a large
+torch's FlopCounterMode (trainer.flops.StepFlops), and after training the same process times a large
 fp32 matmul on the same threads; the step's FLOPs over its mean time, divided by that matmul's rate,
 is the fraction of the matmul ceiling the step achieves.
 """

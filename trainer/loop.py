@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer import diffusion
+from trainer import diffusion, warm_start
 from trainer.distributed import barrier, broadcast_parameters, prepare_environment, sum_gradients, sum_over_processes, world_of
 from trainer.atomic import write_text
 from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint, sweep_leftovers
 from trainer.errors import UserError
+from trainer.flops import StepFlops
 from trainer.formats.safetensors_file import iso_now
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
-from trainer.models.base_model import page_out
 from trainer.models.loading import load_recipe_model, locate_base
 from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -122,89 +122,6 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     if not trainable:
         raise UserError(f"Method '{method.name}' set up no trainable parameters; check the recipe's '{method.name}' section.")
     return trainable
-
-
-class _StepFlops:
-    """Counts the floating-point operations of one optimizer step with torch's FlopCounterMode (matmuls,
-    convolutions and attention, forward and backward; element-wise ops count as none). The counting
-    slows that step down, so benchmarks count a step they do not time."""
-
-    def __init__(self, step: int | None):
-        self.step = step
-        self.mode = None
-
-    def start(self, step: int) -> None:
-        if step == self.step:
-            from torch.utils import flop_counter
-
-            aten = torch.ops.aten
-            # CPU attention is its own op, which FlopCounterMode does not know: the same formulas as CUDA's.
-            cpu_attention = {
-                aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_flop_count(q, k, v),
-                aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                    lambda grad, q, k, v, *_, out_shape=None, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v),
-            }
-            self.mode = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention)
-            self.mode.__enter__()
-
-    def stop(self) -> int | None:
-        """The count, when the step just ended was the counted one."""
-        if self.mode is None:
-            return None
-        self.mode.__exit__(None, None, None)
-        total, self.mode = self.mode.get_total_flops(), None
-        return total
-
-
-def _coming_samples(data, world, progress: Progress, cfg) -> tuple[list, bool]:
-    """This process's samples of the coming steps, each as a batch of one, up to the end of the next whole
-    epoch; and whether that is every step left in the run (else it holds at least one whole epoch)."""
-    micro_steps = (cfg.max_steps - progress.step) * cfg.gradient_accumulation_steps
-    epoch, index, batches = progress.epoch, progress.batch_in_epoch, data.epoch_batches(progress.epoch)
-    ahead = min(micro_steps, len(batches) - index + (data.batches_per_epoch if index else 0))
-    singles = []
-    for _ in range(ahead):
-        if index >= len(batches):
-            epoch, index = epoch + 1, 0
-            batches = data.epoch_batches(epoch)
-        singles += [data.load_batch([sample], epoch) for sample in world.slice_of(batches[index], cfg.batch_size)]
-        index += 1
-    return singles, ahead == micro_steps
-
-
-def _encode_latents_ahead(singles: list, cache, encode, show_progress: bool) -> None:
-    """Fill the latent cache before step 1, under a progress bar, so the first steps run at their steady
-    pace. One image at a time, as the steps would (trainer.data.cache: a latent never depends on its
-    batch), so training is the same with or without this."""
-    wanted = {single.cache_keys[0]: single for single in singles}
-    missing = [single for key, single in wanted.items() if cache.get(key) is None]
-    for single in tqdm(missing, disable=not (show_progress and missing), desc="Caching latents", unit="image", dynamic_ncols=True):
-        cache.latents(single, encode)
-
-
-def _encode_captions_ahead(singles: list, method, autocast, show_progress: bool) -> None:
-    """The same for the text encoder outputs (data.cache_text_encoder_outputs), one caption at a time, in
-    the autocast the steps use."""
-    captions = list(dict.fromkeys(single.captions[0] for single in singles))
-    with autocast():
-        for caption in tqdm(captions, disable=not show_progress, desc="Caching captions", unit="caption", dynamic_ncols=True):
-            method.encode_text([caption])
-
-
-def _page_out_unused(model, recipe: Recipe, every_latent_cached: bool, every_caption_cached: bool, validating: bool, directory: Path) -> None:
-    """Out of memory, the frozen parts no step runs: the VAE decoder when no samples are drawn; once
-    every latent, or caption, the run reads is cached and nothing samples or validates, the VAE encoder,
-    or the text encoders. Paged out, not deleted: their values stay, so a method that ships the whole
-    model exports them unchanged, and a step that did need one would read it back (base_model.page_out)."""
-    vae = model.vae
-    unused = []
-    if not recipe.sample.prompts:
-        unused += [vae.decoder, getattr(vae, "post_quant_conv", None)]
-        if every_latent_cached and not validating:
-            unused += [vae.encoder, getattr(vae, "quant_conv", None)]
-        if every_caption_cached and not validating:
-            unused += list(model.text_encoder_modules().values())
-    page_out([module for module in unused if module is not None], directory)
 
 
 def _announce_later_checkpoints(output_dir: Path, step: int) -> None:
@@ -372,14 +289,14 @@ def train(
 
     # Every entry the run reads is cached once the walk covers the rest of the run, or one whole epoch
     # whose entries repeat in every later one (one process; no flips, or no random caption changes).
-    singles, whole_run = _coming_samples(data, world, progress, cfg) if recipe.data.cache_latents != "none" or text_mode != "none" else ([], False)
+    singles, whole_run = warm_start.coming_samples(data, world, progress, cfg) if recipe.data.cache_latents != "none" or text_mode != "none" else ([], False)
     repeats = world.processes == 1
     fixed_captions = not (recipe.data.shuffle_tags or recipe.data.caption_dropout > 0 or recipe.data.tag_dropout > 0)
     if recipe.data.cache_latents != "none":
-        _encode_latents_ahead(singles, cache, encode_mean, show_progress and world.is_main)
+        warm_start.encode_latents_ahead(singles, cache, encode_mean, show_progress and world.is_main)
     if text_mode != "none":
-        _encode_captions_ahead(singles, method, accelerator.autocast, show_progress and world.is_main)
-    _page_out_unused(
+        warm_start.encode_captions_ahead(singles, method, accelerator.autocast, show_progress and world.is_main)
+    warm_start.page_out_unused(
         model, recipe, recipe.data.cache_latents != "none" and (whole_run or (repeats and not recipe.data.flip)),
         text_mode != "none" and (whole_run or (repeats and fixed_captions)), validator is not None, output_dir,
     )
@@ -394,7 +311,7 @@ def train(
     saved_step = checkpoint.progress.step if checkpoint else None
     checkpointed = {step for step, _ in complete_checkpoints(output_dir) if saved_step is not None and step <= saved_step}
     validated_step = None
-    step_flops = _StepFlops(count_flops_of_step)
+    step_flops = StepFlops(count_flops_of_step)
 
     def validate() -> None:
         nonlocal validated_step
@@ -511,6 +428,9 @@ def train(
     # open a window in which a kill damages it).
     if progress.step != saved_step:
         save()
+    # The optimizer state is in the last checkpoint and no step follows: its memory (twice what trains) goes
+    # to the export instead (a full fine-tune's copy of the model, the gathered weights of a sharded one).
+    getattr(optimizer, "optimizer", optimizer).state.clear()
     sharding.to_plain(model)
     if world.is_main:
         context = ExportContext(

@@ -24,7 +24,6 @@ The rest of the loop sees the same run as without sharding:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -34,6 +33,7 @@ from torch import nn
 
 from trainer.distributed import World
 from trainer.formats.safetensors_file import StreamedSafetensors
+from trainer.models.base_model import copied_module
 
 
 def _is_sharded(value) -> bool:
@@ -67,9 +67,7 @@ def _blocks(module: nn.Module) -> Iterator[nn.Module]:
 def _meta_twin(part: nn.Module) -> nn.Module:
     """An unsharded copy of ``part`` whose parameters are on the meta device (no memory): the module
     structure ``to_plain`` fills with the gathered weights. Buffers (never trained, never sharded) are shared."""
-    memo = {id(param): nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad) for param in part.parameters()}
-    memo.update({id(buffer): buffer for buffer in part.buffers()})
-    return copy.deepcopy(part, memo)
+    return copied_module(part, parameter=lambda param: torch.empty_like(param, device="meta"), buffer=lambda buffer: buffer)
 
 
 class ModelSharding:

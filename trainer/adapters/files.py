@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from trainer.adapters.lowrank import has_kernel, weight_shape
 from trainer.atomic import refuse_to_replace
 from trainer.errors import UserError
 from trainer.formats import lycoris
 from trainer.formats.kohya_lora import TEXT_ENCODER_PREFIX, UNET_PREFIX
-from trainer.formats.safetensors_file import read_metadata, save_safetensors
+from trainer.formats.safetensors_file import read_safetensors, save_safetensors
 
 # The part a module name belongs to, by prefix (longest first: lora_te1_ before lora_te_).
 PARTS = (("lora_te1_", "TE1"), ("lora_te2_", "TE2"), (f"{TEXT_ENCODER_PREFIX}_", "TE"), (f"{UNET_PREFIX}_", "UNet"), (f"{lycoris.GENERIC_PREFIX}_", "UNet"))
@@ -79,10 +77,7 @@ def read_tensors(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict[s
             f"{role} '{path}' is not a .safetensors file. sdtrain reads adapters only as safetensors (a .pt/.ckpt is a pickle "
             "that can run code when loaded); convert it with the tool that made it, or use its .safetensors version."
         )
-    try:
-        return load_file(path), read_metadata(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{role} '{path}' cannot be read as a safetensors file ({err}). The file may be truncated; download or copy it again.") from None
+    return read_safetensors(path, role)
 
 
 def read_adapter(path: Path, role: str = "adapter") -> AdapterFile:

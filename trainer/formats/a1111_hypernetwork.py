@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from trainer.atomic import refuse_to_replace, write_legacy_torch_file
 from trainer.errors import UserError
-from trainer.formats.safetensors_file import read_metadata, save_safetensors
+from trainer.formats.safetensors_file import read_metadata, read_safetensors, save_safetensors
 
 FORMAT_KEY = "sdtrain.format"
 FORMAT_NAME = "a1111_hypernetwork"
@@ -165,11 +164,7 @@ def save_safetensors_twin(path: Path, hypernetwork: HypernetworkFile) -> Path:
 
 def load_safetensors_twin(path: Path) -> HypernetworkFile:
     path = Path(path)
-    try:
-        metadata = read_metadata(path)
-        tensors = load_file(path)
-    except Exception as err:  # a short file, a bad header, ... come as different exception types
-        raise UserError(f"'{path}' cannot be read as a safetensors file ({err}).") from None
+    tensors, metadata = read_safetensors(path, "hypernetwork")
     if metadata.get(FORMAT_KEY) != FORMAT_NAME:
         raise UserError(
             f"'{path}' is not an sdtrain hypernetwork safetensors file (its header has no '{FORMAT_KEY}: {FORMAT_NAME}'). "

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from safetensors.torch import save as serialize
 
 from trainer.atomic import write_bytes
@@ -100,7 +102,24 @@ class StreamedSafetensors:
             self.handle.close()
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_safetensors(path: Path, role: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and ``__metadata__``; a UserError naming the file (as ``role``, e.g. "adapter") when
+    it cannot be read: a short file, a garbled header, data cut off."""
+    metadata = read_metadata(path, role)
+    try:
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _unreadable(path, role, err) from None
+
+
+def _unreadable(path: Path, role: str, err: Exception) -> UserError:
+    return UserError(
+        f"{role + ' ' if role else ''}'{path}' cannot be read as a safetensors file ({err or 'too short'}). The file may be truncated; "
+        "copy or download it again."
+    )
+
+
+def read_metadata(path: Path, role: str = "") -> dict[str, str]:
     """The file's ``__metadata__``; a UserError naming the file when its header cannot be read."""
     try:
         with open(path, "rb") as handle:
@@ -109,9 +128,7 @@ def read_metadata(path: Path) -> dict[str, str]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError) as err:  # a short file, a length past its end, a header that is not JSON
-        raise UserError(
-            f"'{path}' cannot be read as a safetensors file ({err or 'too short'}). The file may be truncated; copy or download it again."
-        ) from None
+        raise _unreadable(path, role, err) from None
     return header.get("__metadata__", {})
 
 

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from trainer.atomic import write_legacy_torch_file
 from trainer.errors import UserError
-from trainer.formats.safetensors_file import iso_now, modelspec, read_metadata, save_safetensors
+from trainer.formats.safetensors_file import iso_now, modelspec, read_safetensors, save_safetensors
 
 EMB_PARAMS = "emb_params"
 # AUTOMATIC1111 always writes this (the id of "*" in CLIP's vocabulary); no loader reads it.
@@ -120,11 +118,7 @@ def read_embedding(path: Path) -> Embedding:
     """Read an embedding in any of the three formats (``.pt``/``.bin`` only with ``weights_only=True``)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(path)
-        except SafetensorError as err:
-            raise UserError(f"'{path}' is not a readable safetensors file ({err}).") from None
-        metadata = read_metadata(path)
+        tensors, metadata = read_safetensors(path, "embedding")
         if len(tensors) > 1 and set(tensors) <= set(ENCODER_KEYS):
             return Embedding(vectors={key: _as_2d(value) for key, value in tensors.items()}, token=None, metadata=metadata)
         key, vectors = _single_tensor(tensors, path)

@@ -8,10 +8,12 @@ together (trainer/families). Methods use the calls here - ``encode_text``, ``pre
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,15 @@ class BaseModel:
     def pipeline(self):
         """A diffusers pipeline over these parts (for sampling and saving), with a DDIM sampler."""
         return self.family.pipeline(self)
+
+
+def copied_module(module: nn.Module, parameter: Callable[[torch.Tensor], torch.Tensor], buffer: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """A copy of ``module`` whose parameters are ``parameter(p)`` (keeping requires_grad) and buffers ``buffer(b)``.
+    The original tensors are never copied as they are first (as ``copy.deepcopy`` would), so a copy to the
+    CPU does not need room for a second copy on the GPU, and one on the meta device needs no room at all."""
+    memo = {id(param): nn.Parameter(parameter(param.detach()), requires_grad=param.requires_grad) for param in module.parameters()}
+    memo.update({id(tensor): buffer(tensor) for tensor in module.buffers()})
+    return copy.deepcopy(module, memo)
 
 
 def replace_parts(model: BaseModel, parts: dict[str, nn.Module]) -> BaseModel:

@@ -11,7 +11,7 @@ and/or one original-layout ``.safetensors`` file that AUTOMATIC1111 and ComfyUI 
 
 from __future__ import annotations
 
-import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from trainer.errors import UserError
 from trainer.formats.safetensors_file import DTYPES
 from trainer.methods.base import ExportContext, TrainingMethod
 from trainer.methods.dreambooth.class_images import ClassImageRequest, ensure_class_images, images_of_other_prompts
-from trainer.models.base_model import BaseModel
+from trainer.models.base_model import BaseModel, copied_module, replace_parts
 from trainer.models.export import save_diffusers_folder, save_single_file
 from trainer.recipe import Recipe, SubsetConfig
 
@@ -161,20 +161,29 @@ class DreamBoothMethod(TrainingMethod):
 
     # --- how the artifact is written ---------------------------------------------------------------
     def exported_model(self) -> BaseModel:
-        """A float32 CPU copy of the model as it is shipped: the EMA weights if kept.
+        """The model as it is shipped, in float32 on the CPU: the EMA weights if kept.
 
         Float32 so that the diffusers folder's main files hold the trained weights unrounded; each file casts
-        to output.save_dtype itself.
+        to output.save_dtype itself. Parts that are so already (a CPU run's, without an EMA of them) are
+        shipped as they are; the others are copied, one tensor at a time, so the training model is left as it was.
         """
-        copy_of = copy.deepcopy(self.model)
-        parts = copy_of.parts()
-        for part in parts.values():
-            part.to("cpu", torch.float32).eval()
+        parts = {}
+        for name, part in self.model.parts().items():
+            shipped = not any(key.startswith(name + ".") for key in self._ema) and all(
+                tensor.device.type == "cpu" and (tensor.dtype == torch.float32 or not tensor.is_floating_point())
+                for tensor in itertools.chain(part.parameters(), part.buffers())
+            )
+            if not shipped:
+                def to_shipped(tensor: torch.Tensor) -> torch.Tensor:
+                    return tensor.to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+                part = copied_module(part, parameter=to_shipped, buffer=to_shipped).eval()
+            parts[name] = part
         with torch.no_grad():
             for key, shadow in self._ema.items():
                 part, _, name = key.partition(".")
                 parts[part].get_parameter(name).copy_(shadow)
-        return copy_of
+        return replace_parts(self.model, parts)
 
     def export(self, context: ExportContext) -> list[Path]:
         recipe, model = self.recipe, self.exported_model()
