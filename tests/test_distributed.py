@@ -273,13 +273,21 @@ def test_sharded_model_trains_the_one_process_weights_resumes_and_exports(tmp_pa
         assert trained.keys() <= exported.keys()
         assert all(torch.equal(exported[key], value.to(exported[key].dtype)) for key, value in trained.items()), part
 
-    # A run killed after its step-1 checkpoint resumes, sharded, to the uninterrupted run's weights.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(sharded, resumed)
-    for step in range(2, SHARDED_STEPS + 1):
-        shutil.rmtree(checkpoint_dir(resumed, step))
-    (resumed / "sls_frog.safetensors").unlink()
-    shutil.rmtree(resumed / "sls_frog_diffusers")
+    # A run killed after its step-1 checkpoint resumes, sharded, to the uninterrupted run's weights; and
+    # unsharded (the checkpoint holds whole tensors) to them up to rounding.
+    def killed_after_step_1(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(sharded, run)
+        for step in range(2, SHARDED_STEPS + 1):
+            shutil.rmtree(checkpoint_dir(run, step))
+        (run / "sls_frog.safetensors").unlink()
+        shutil.rmtree(run / "sls_frog_diffusers")
+        return run
+
+    resumed = killed_after_step_1("resumed")
     _train("dreambooth", resumed, 2, "--resume", "latest", **sharded_values)
     expected, actual = _tensors(sharded, SHARDED_STEPS, "trainable"), _tensors(resumed, SHARDED_STEPS, "trainable")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    unsharded = killed_after_step_1("resumed-unsharded")
+    _train("dreambooth", unsharded, 2, "--resume", "latest", **{**sharded_values, "train.shard_model": False})
+    _assert_same_training(one, unsharded, SHARDED_STEPS, "sharded, resumed unsharded")
