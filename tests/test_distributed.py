@@ -234,13 +234,15 @@ def test_sharded_model_trains_the_one_process_weights_resumes_and_exports(tmp_pa
     """train.shard_model (FSDP, ZeRO stage 3): two processes each keeping half of the UNet's and the text
     encoder's weights, gradients and AdamW state train what one process with the whole batch trains, through
     short batches (the process without a sample runs a stand-in at weight 0: FSDP gathers the weights with
-    every process) and the text encoder's stop; the checkpoints hold the whole tensors, a killed run resumes
+    every process), gradient accumulation and the text encoder's stop; the checkpoints hold the whole tensors, a killed run resumes
     to the bit, and the exported model is the trained one."""
     values = {
         "data.dir": str(_short_batch_data(tmp_path)), "dreambooth.prior_preservation": False, "train.max_steps": SHARDED_STEPS,
         # Clipping at a norm no gradient reaches: the norm over the shards is computed, the steps stay
         # unclipped, so a gradient of the wrong size shows (clipping to 1 would hide one twice as large).
         "train.gradient_checkpointing": True, "train.max_grad_norm": 1e6,
+        # Two micro-steps per optimizer step: the shards' gradients add up over them.
+        "train.gradient_accumulation_steps": 2,
     }
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     _train("dreambooth", one, 1, **values)
