@@ -101,13 +101,15 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], world: World) -> None:
     some process counts as zero where it has none (a process that trained no sample of this step); one
     that has none anywhere (e.g. a text encoder after dreambooth.text_encoder_steps) keeps none, so the
     optimizer skips it as it would with one process."""
+    if world.processes == 1:
+        return
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     # train.shard_model's shards (trainer.sharding) were summed by FSDP in the backward pass.
     params = [param for param in params if not isinstance(param, DTensor)]
-    if world.processes == 1 or not params:
+    if not params:
         return
-    import torch.distributed as dist
 
     reached = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
     dist.all_reduce(reached)
