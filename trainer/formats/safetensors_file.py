@@ -71,7 +71,7 @@ class StreamedSafetensors:
         self.order = list(specs)
         header, offset = {}, 0
         for name, (dtype, shape) in specs.items():
-            size = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+            size = dtype.itemsize * math.prod(shape)
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")

@@ -53,6 +53,11 @@ def _check_config(recipe: Recipe, model: BaseModel) -> None:
         )
 
 
+def _shipped_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as the export ships it: a copy on the CPU, floating point in float32."""
+    return tensor.to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
+
+
 class DreamBoothMethod(TrainingMethod):
     name = "dreambooth"
     formats = ("single_file", "diffusers")
@@ -174,10 +179,7 @@ class DreamBoothMethod(TrainingMethod):
                 for tensor in itertools.chain(part.parameters(), part.buffers())
             )
             if not shipped:
-                def to_shipped(tensor: torch.Tensor) -> torch.Tensor:
-                    return tensor.to("cpu", torch.float32 if tensor.is_floating_point() else tensor.dtype, copy=True)
-
-                part = copied_module(part, parameter=to_shipped, buffer=to_shipped).eval()
+                part = copied_module(part, parameter=_shipped_copy, buffer=_shipped_copy).eval()
             parts[name] = part
         with torch.no_grad():
             for key, shadow in self._ema.items():
