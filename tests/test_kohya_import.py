@@ -129,9 +129,14 @@ def test_export_then_import_gives_the_recipe_back(tmp_path):
     recipe_path.write_text(recipe_to_yaml(original))
     assert main(["export", "kohya", str(recipe_path), "-o", str(tmp_path / "kohya")]) == 0
     assert {path.name for path in (tmp_path / "kohya").iterdir()} == {"dataset.toml", "train.sh", "prompts.txt"}
+    # sd-scripts' parser refuses --max_token_length 75 (only 150 or 225) and it divides by
+    # --validate_every_n_steps after every step: the recipe's 75 tokens and "no validation" are the options left out.
+    script = (tmp_path / "kohya" / "train.sh").read_text()
+    assert "--max_token_length" not in script and "--validate_every_n_steps" not in script
+    assert "--sdpa" in script  # the attention sdtrain trains with
     back = load_recipe(import_kohya([tmp_path / "kohya" / "train.sh"], tmp_path / "back.yaml"))
     for key in ("method", "train.max_steps", "train.batch_size", "train.lr", "train.lr_scheduler", "train.lr_warmup_steps", "train.seed",
-                "train.weight_decay", "train.min_snr_gamma", "train.save_every_steps", "train.keep_checkpoints", "lora.rank", "lora.alpha",
+                "train.weight_decay", "train.min_snr_gamma", "data.max_token_length", "validation.every_steps", "train.save_every_steps", "train.keep_checkpoints", "lora.rank", "lora.alpha",
                 "lora.text_encoder", "data.resolution", "data.buckets.min_side", "data.buckets.max_side", "data.cache_latents", "sample.prompts",
                 "sample.seed", "sample.steps", "sample.guidance_scale", "sample.every_steps", "output.dir", "output.name", "output.comment"):
         first, second = original, back

@@ -170,8 +170,9 @@ def _get(recipe: Any, key: str) -> Any:
     return value
 
 
-def to(option: str, key: str, kind: type, how: str = "", *aliases: str, default: Any = None, only: tuple[str, ...] = ()) -> Rule:
-    """A rule that copies the value, converted to ``kind``, to ``key`` (``{method}`` = the method's section)."""
+def to(option: str, key: str, kind: type, how: str = "", *aliases: str, default: Any = None, only: tuple[str, ...] = (), unset: tuple = ()) -> Rule:
+    """A rule that copies the value, converted to ``kind``, to ``key`` (``{method}`` = the method's section).
+    The export leaves the option out for the recipe values in ``unset``: those sd-scripts spells by omitting it."""
 
     def apply(draft: Draft, name: str, value: Any) -> None:
         if only and draft.method not in only:
@@ -187,7 +188,7 @@ def to(option: str, key: str, kind: type, how: str = "", *aliases: str, default:
         value = _get(recipe, key.format(method=recipe.method))
         if kind is bool:
             return {option: True} if value else {}
-        return {} if value is None or value == "" else {option: value}
+        return {} if value is None or value == "" or value in unset else {option: value}
 
     return Rule((option, *aliases), key, how or "copied", apply, export, default)
 
@@ -730,7 +731,8 @@ RULES: list[Rule] = [
     to("caption_dropout_rate", "data.caption_dropout", float),
     to("caption_tag_dropout_rate", "data.tag_dropout", float),
     Rule(("caption_prefix",), "data.trigger_word", "the prefix without its trailing separator; sdtrain does not prefix a caption that already starts with it, nor regularisation images", _caption_prefix),
-    to("max_token_length", "data.max_token_length", int),
+    # sd-scripts accepts only 150 or 225; its 75 tokens is the option left out.
+    to("max_token_length", "data.max_token_length", int, unset=(75,)),
     Rule(("cache_latents",), "data.cache_latents", "true -> memory", _cache("data.cache_latents", "memory"), _export_caches),
     Rule(("cache_latents_to_disk",), "data.cache_latents", "true -> disk", _cache("data.cache_latents", "disk")),
     Rule(("cache_text_encoder_outputs", "sdxl_cache_text_encoder_outputs"), "data.cache_text_encoder_outputs", "true -> memory", _cache("data.cache_text_encoder_outputs", "memory")),
@@ -759,7 +761,8 @@ RULES: list[Rule] = [
     to("conditioning_data_dir", "data.mask_dir", str, "copied (the mask folder of masked_loss)"),
     to("validation_split", "validation.split", float),
     to("validation_seed", "validation.seed", int),
-    to("validate_every_n_steps", "validation.every_steps", int),
+    # sd-scripts divides by it after every step: never validating is the option left out.
+    to("validate_every_n_steps", "validation.every_steps", int, unset=(0,)),
     to("multires_noise_iterations", "train.multires_noise_iterations", int),
     to("multires_noise_discount", "train.multires_noise_discount", float),
     to("ip_noise_gamma", "train.ip_noise_gamma", float),
@@ -1240,6 +1243,8 @@ def export_kohya(recipe_path: Path, out_dir: Path, *, overwrite: bool = False) -
     from trainer.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
+    # train.sh runs in the sd-scripts folder: the files it names must not be relative to this one.
+    out_dir = out_dir.resolve()
     script = _export_script(recipe)
     options = export_options(recipe)
     subsets, notes = _export_subsets(recipe)
@@ -1249,6 +1254,8 @@ def export_kohya(recipe_path: Path, out_dir: Path, *, overwrite: bool = False) -
     if not overwrite:
         refuse_to_replace([out_dir / name for name in files], "Pass --overwrite to replace them, or -o with another folder.")
     general = {name: options.pop(name) for name in DATASET_OPTIONS if name in options}
+    # sdtrain's models attend with torch's scaled-dot-product attention; sd-scripts' default is its plain one.
+    options["sdpa"] = True
     options["dataset_config"] = str(out_dir / "dataset.toml")
     sample = recipe.sample
     if sample.prompts:

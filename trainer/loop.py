@@ -24,6 +24,7 @@ from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, 
 from trainer.errors import UserError
 from trainer.flops import StepFlops
 from trainer.formats.safetensors_file import iso_now
+from trainer.matmul_conv import use_matmul_convolutions
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
 from trainer.models.loading import load_recipe_model, locate_base
@@ -96,7 +97,7 @@ def _check_fits_model(recipe: Recipe, model) -> None:
 
 def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtype, gradient_checkpointing: bool) -> list[torch.nn.Parameter]:
     """Frozen parts in the compute dtype (the VAE in fp32 if model.vae_fp32), trained parameters in fp32
-    (mixed precision's master weights)."""
+    (mixed precision's master weights); on a CPU, convolutions with few output positions as matrix products."""
     for name, part in model.parts().items():
         dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
         # Trained parameters keep their fp32 values: a round trip through the compute dtype would round a
@@ -107,6 +108,8 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
         for param, original in trained:
             param.data = original.to(device=device, dtype=torch.float32)
         part.eval()
+        if device.type == "cpu":
+            use_matmul_convolutions(part)
     trainable = []
     for module in method.trainable_modules().values():
         module.train()
