@@ -1,0 +1,35 @@
+# Sourced by run_kohya.sh and run_sdtrain.sh after they set SIDE: arguments, paths, environment, measure.
+set -euo pipefail
+BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH/../.." && pwd)   # the sdtrain repository: its dataset and recipe
+WORK=${KOHYA_BENCH_DIR:-$HOME/kohya-bench}
+USAGE="usage: $0 RES N [folder|single]"
+RES=${1:?$USAGE}
+N=${2:?$USAGE}
+SOURCE=${3:-folder}
+case "$SOURCE" in
+  folder) MODEL=$WORK/models/sd15-random ;;
+  single) MODEL=$WORK/models/sd15-random.safetensors ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
+esac
+DATA=$REPO/datasets/sls_frog   # one subfolder "10_sls frog": 11 images x 10 repeats, 10 .txt captions
+OUT=$WORK/out/${SIDE}_${RES}_${SOURCE}_N${N}_$(date +%Y%m%d-%H%M%S)
+# Same environment on both sides. An OMP_NUM_THREADS already set is kept.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+
+measure() {  # measure DIR CMD...: run CMD in DIR, timed, into $OUT and print the result line; DRY_RUN=1 prints the command only
+  local dir=$1; shift
+  local command_line; command_line="cd $(printf '%q' "$dir") && $(printf '%q ' "$@")"
+  if [[ "${DRY_RUN:-0}" == 1 ]]; then echo "$command_line"; return; fi
+  [[ -e "$MODEL" ]] || { echo "missing $MODEL: run setup_env.sh first" >&2; exit 2; }
+  mkdir -p "$OUT"
+  echo "$command_line" > "$OUT/command.txt"
+  local load_before; load_before=$(cut -d' ' -f1 /proc/loadavg)
+  awk -v l="$load_before" 'BEGIN{exit !(l > 0.5)}' && echo "warning: load average $load_before before the run: the machine is not idle, times will be off" >&2
+  cd "$dir"
+  python3 "$BENCH/tslog.py" "$OUT/run.log" -- /usr/bin/time -v -o "$OUT/time.txt" "$@" || echo "command failed, see $OUT/run.log" >&2
+  echo "$SIDE $RES $SOURCE $N $(python3 "$BENCH/parse_run.py" "${SIDE%%-*}" "$OUT/run.log" "$OUT/time.txt" "$N")"
+  echo "log: $OUT/run.log (per-step times: $OUT/steps.txt; load average before/after: $load_before/$(cut -d' ' -f1 /proc/loadavg))" >&2
+}
