@@ -12,6 +12,9 @@ case "$SOURCE" in
   single) MODEL=$WORK/models/sd15-random.safetensors ;;
   *) echo "$USAGE" >&2; exit 2 ;;
 esac
+# GRAD_CKPT=1: both sides with gradient checkpointing (the side is printed with -gradckpt).
+GRAD_CKPT=${GRAD_CKPT:-0}
+if [[ "$GRAD_CKPT" == 1 ]]; then SIDE=$SIDE-gradckpt; fi
 DATA=$REPO/datasets/sls_frog   # one subfolder "10_sls frog": 11 images x 10 repeats, 10 .txt captions
 OUT=$WORK/out/${SIDE}_${RES}_${SOURCE}_N${N}_$(date +%Y%m%d-%H%M%S)
 # Same environment on both sides. An OMP_NUM_THREADS already set is kept.
