@@ -65,6 +65,16 @@ def test_many_output_positions_run_the_convolution_itself():
     assert torch.equal(fast(x), plain(x))
 
 
+def test_lower_precision_runs_the_convolution_itself():
+    # The product was measured in fp32 only: bf16 inputs and CPU autocast (train.mixed_precision=bf16) use torch's.
+    plain, fast = _pair(32, 64, 1, False)
+    x = torch.randn(1, 32, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fast(x), plain(x))
+    plain, fast = plain.to(torch.bfloat16), fast.to(torch.bfloat16)
+    assert torch.equal(fast(x.bfloat16()), plain(x.bfloat16()))
+
+
 def test_only_plain_kernels_are_switched_and_the_state_dict_is_unchanged():
     model = nn.Sequential(
         nn.Conv2d(4, 8, 3, padding=1),
