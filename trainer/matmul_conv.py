@@ -2,14 +2,14 @@
 
 At training sizes on a CPU the UNet's deepest blocks convolve 2x2 to 8x8 latents with weights of up
 to 2560x1280x3x3 (118 MB in fp32). Such a convolution is bound by reading its weight, and torch's CPU
-kernels read it slowly there: oneDNN reorders the weight into its blocked layout on every call, the
-fallback multiplies the weight by a matrix of only a few columns. Written as unfold + ``linear`` (the
-output positions as rows, the weight as a transposed right-hand matrix, the layout the CPU matrix
-kernels read fastest) the same convolution forward and backward takes a quarter to two thirds of the time.
-With many output positions the convolution kernels are faster, so the product is used only where the
-positions (images x height x width) are at most 1/16 of the output channels: measured on SD1.5's
-shapes at 1 and 2 threads, batch 1 and 2, every such convolution but one ran faster, and all together
-in about half the time.
+kernels read it slowly there: oneDNN gets the weight in torch's plain layout on every call (and
+seemingly converts it each time), the fallback multiplies the weight by a matrix of only a few
+columns. Written as unfold + ``linear`` (the output positions as rows, the weight as a transposed
+right-hand matrix, the layout the CPU matrix kernels read fastest) the same convolution forward and
+backward takes a quarter to two thirds of the time. With many output positions the convolution
+kernels are faster, so the product is used only where the positions (images x height x width) are at
+most 1/16 of the output channels: measured on SD1.5's shapes at 1 and 2 threads, batch 1 and 2,
+every such convolution but one ran faster, and all together in about half the time.
 
 Same sums in another order: outputs differ from ``F.conv2d`` by rounding only. The choice depends on
 the shapes alone, so a run and its resumption compute the same.
