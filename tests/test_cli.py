@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from PIL import Image
 
@@ -34,6 +38,22 @@ def test_tiny_base_folder_trains_as_a_diffusers_base(tmp_path, capsys):
     code, out, err = _run(capsys, "train", RECIPE, *fast_overrides(tmp_path / "out", **{"model.base": str(tmp_path / "tiny"), "train.max_steps": 2}), "--quiet")
     assert code == 0, err
     assert (tmp_path / "out" / "sls_frog.safetensors").is_file()
+
+
+def test_the_sdtrain_process_trains_and_turns_bad_input_into_one_paragraph(tmp_path):
+    # `python -m trainer.cli` starts as the console script does (trainer.cli.entry, which imports the
+    # training libraries with the garbage collector off): the exit code and messages are main's.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def sdtrain(*argv):
+        return subprocess.run([sys.executable, "-m", "trainer.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    done = sdtrain("train", RECIPE, *fast_overrides(tmp_path / "out", **{"train.max_steps": 1}), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "sls_frog.safetensors").is_file()
+    refused = sdtrain("train", str(tmp_path / "missing.yaml"))
+    assert refused.returncode == 2
+    assert "missing.yaml" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_data_inspect_lists_subsets_and_tags(capsys):

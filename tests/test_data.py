@@ -6,6 +6,7 @@ Every image is drawn here in tmp_path, so the tests do not depend on the example
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import zlib
@@ -308,6 +309,34 @@ def test_pixels_rgb_on_white_flip_and_exif_rotation(tmp_path):
         left = batch.pixel_values()[0, :, :, 0].mean().item()
         assert left == pytest.approx(1.0 if batch.flipped[0] else -1.0)
     assert len({batch.cache_keys[0] for batch in flips}) == 2  # flip is part of the cache key
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc (Linux)")
+def test_loading_images_starts_no_openmp_threads(tmp_path, monkeypatch):
+    # A torch op in a loader thread would start an OpenMP team living as long as the thread, and libgomp,
+    # seeing more threads than cores, then stops spinning between the training step's parallel regions
+    # (docs/benchmarks.md, "Threads that load images"). Every thread the loading starts is a loader thread.
+    import threading
+
+    from trainer.data import dataset
+
+    for index in range(4):
+        make_image(tmp_path / "1_x" / f"{index}.png", size=(256, 256))  # 3x256x256 values: torch would split the copy
+    data = TrainingData(small_cfg(dir=str(tmp_path), resolution=256, buckets=BucketConfig(min_side=64, max_side=512, step=64)), seed=0, batch_size=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # new threads take this count: each would start a team of 2
+    monkeypatch.setattr(dataset, "_loader", None)  # fresh loader threads, started under 2 torch threads
+    try:
+        os_before, python_before = len(os.listdir("/proc/self/task")), threading.active_count()
+        pixels = data.load_batch(list(range(4)), 0).pixel_values()
+        os_after, python_after = len(os.listdir("/proc/self/task")), threading.active_count()
+    finally:
+        if dataset._loader is not None:
+            dataset._loader.shutdown()
+        torch.set_num_threads(threads)
+    assert pixels.shape == (4, 3, 256, 256) and pixels.is_contiguous()
+    assert python_after > python_before  # the loader threads started
+    assert os_after - os_before == python_after - python_before
 
 
 def test_odd_but_valid_images_become_the_rgb_they_show(tmp_path):

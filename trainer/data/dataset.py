@@ -41,7 +41,8 @@ _loader: ThreadPoolExecutor | None = None
 
 
 def _loader_pool() -> ThreadPoolExecutor:
-    """Threads for decoding a batch's images side by side (PIL releases the GIL while decoding)."""
+    """Threads for decoding a batch's images side by side (PIL releases the GIL while decoding). They run no
+    torch operations (see load_pixels)."""
     global _loader
     if _loader is None:
         _loader = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sdtrain-images")
@@ -109,7 +110,11 @@ def load_pixels(item: Item, flipped: bool) -> torch.Tensor:
     if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    # Channels first in numpy, not torch: this runs in the loader threads, and a torch op there large enough
+    # to go parallel starts an OpenMP thread team that lives as long as the thread; with more OpenMP threads
+    # than cores libgomp stops spinning between parallel regions for the rest of the run (steps 25 % slower on
+    # 2 cores; docs/benchmarks.md, "Threads that load images").
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def geometry_of(item: Item, flipped: bool) -> ImageGeometry:
