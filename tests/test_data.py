@@ -325,6 +325,7 @@ def test_loading_images_starts_no_openmp_threads(tmp_path, monkeypatch):
     data = TrainingData(small_cfg(dir=str(tmp_path), resolution=256, buckets=BucketConfig(min_side=64, max_side=512, step=64)), seed=0, batch_size=4)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # new threads take this count: each would start a team of 2
+    torch.zeros(1 << 20).add_(1)  # the main thread's own team of 2 (absent under OMP_NUM_THREADS=1), before counting
     monkeypatch.setattr(dataset, "_loader", None)  # fresh loader threads, started under 2 torch threads
     try:
         os_before, python_before = len(os.listdir("/proc/self/task")), threading.active_count()
