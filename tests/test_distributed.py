@@ -293,3 +293,20 @@ def test_sharded_model_trains_the_one_process_weights_resumes_and_exports(tmp_pa
     unsharded = killed_after_step_1("resumed-unsharded")
     _train("dreambooth", unsharded, 2, "--resume", "latest", **{**sharded_values, "train.shard_model": False})
     _assert_same_training(one, unsharded, SHARDED_STEPS, "sharded, resumed unsharded")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU launch's environment")
+def test_a_cpu_launch_with_more_threads_than_cores_waits_passively(monkeypatch):
+    # Spinning OpenMP threads of one process take the cores the others need (docs/benchmarks.md,
+    # "Threads that load images"): 2 processes of 2 threads on 2 cores ran 120x slower.
+    from trainer.distributed import launcher_command
+
+    cores = os.cpu_count() or 1
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cores))
+    assert launcher_command(2, "trainer.cli", [])[1]["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # a user's own policy is kept
+    assert launcher_command(2, "trainer.cli", [])[1]["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # torch's launcher then gives each process one thread
+    assert "OMP_WAIT_POLICY" not in launcher_command(min(2, cores), "trainer.cli", [])[1]

@@ -176,6 +176,13 @@ def launcher_command(processes: int, module: str, argv: list[str]) -> tuple[list
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
+        # With more OpenMP threads than cores in all, libgomp's threads spin while they wait for work and take
+        # the cores the other processes need: 2 processes of 2 threads on 2 cores ran the tiny model's step
+        # 120x slower. Waiting passively costs a wake-up per parallel region instead (docs/benchmarks.md,
+        # "Threads that load images"). torch's launcher gives each process 1 thread when none is set.
+        threads = env.get("OMP_NUM_THREADS", "1").split(",")[0].strip()
+        if threads.isdigit() and processes * int(threads) > (os.cpu_count() or 1):
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return command, env
 
 
