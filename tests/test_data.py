@@ -311,7 +311,7 @@ def test_pixels_rgb_on_white_flip_and_exif_rotation(tmp_path):
     assert len({batch.cache_keys[0] for batch in flips}) == 2  # flip is part of the cache key
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists the process's threads in /proc (Linux)")
 def test_loading_images_starts_no_openmp_threads(tmp_path, monkeypatch):
     # A torch op in a loader thread would start an OpenMP team living as long as the thread, and libgomp,
     # seeing more threads than cores, then stops spinning between the training step's parallel regions
@@ -327,6 +327,7 @@ def test_loading_images_starts_no_openmp_threads(tmp_path, monkeypatch):
     torch.set_num_threads(2)  # new threads take this count: each would start a team of 2
     torch.zeros(1 << 20).add_(1)  # the main thread's own team of 2 (absent under OMP_NUM_THREADS=1), before counting
     monkeypatch.setattr(dataset, "_loader", None)  # fresh loader threads, started under 2 torch threads
+
     def os_threads() -> set[int]:
         return {int(tid) for tid in os.listdir("/proc/self/task")}
 
