@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.conftest import REPO, fast_overrides
 from tests.tolerances import FP32, Rounding, assert_close_elementwise
 from trainer import diffusion
 from trainer.checkpoint import resolve_checkpoint
+from trainer.errors import UserError
 from trainer.formats.safetensors_file import read_metadata
 from trainer.loop import train
 from trainer.models.tiny import sd_noise_scheduler
@@ -39,6 +41,21 @@ def test_adaptive_optimizers_resume_exactly(tmp_path, optimizer, lr):
     _train(resumed, resume="latest", **settings)
     full, again = _weights(tmp_path / "full"), _weights(resumed)
     assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_8bit_adamw_names_what_it_needs_on_a_cpu_and_without_bitsandbytes(monkeypatch):
+    """adamw8bit is the one optimizer with a machine and an optional package behind it: each missing one
+    gets its own message with the fix, not an ImportError from deep in the loop."""
+    from trainer.optim import optimizer_type
+
+    cfg = load_recipe(RECIPE, ["train.optimizer=adamw8bit"]).train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"'adamw8bit' \(bitsandbytes\) needs a CUDA GPU\. On CPU use train\.optimizer=adamw"):
+        optimizer_type(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when it is not installed
+    with pytest.raises(UserError, match=r"needs bitsandbytes, which is not installed: run pip install -e \"\.\[cuda\]\""):
+        optimizer_type(cfg)
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path):

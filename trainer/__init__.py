@@ -8,8 +8,8 @@ import os
 # one step). Must be set before torch loads MKL; costs no measurable speed here. A user who sets it keeps theirs.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-# bitsandbytes warns on import about optional CPU kernels on machines without them; the 8-bit
-# optimizers sdtrain uses run on CUDA and need none of them.
+# bitsandbytes (the `cuda` extra), where installed, warns on import about optional CPU kernels on
+# machines without them; the 8-bit optimizers sdtrain uses run on CUDA and need none of them.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"

@@ -27,7 +27,14 @@ def optimizer_type(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict]
     if cfg.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise UserError("train.optimizer 'adamw8bit' (bitsandbytes) needs a CUDA GPU. On CPU use train.optimizer=adamw.")
-        import bitsandbytes
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            # An optional dependency (the `cuda` extra): installed, diffusers imports it into every run.
+            raise UserError(
+                "train.optimizer 'adamw8bit' needs bitsandbytes, which is not installed: run pip install -e \".[cuda]\" "
+                "in the sdtrain folder (or pip install bitsandbytes), or use train.optimizer=adamw."
+            ) from err
 
         return bitsandbytes.optim.AdamW8bit, dict(lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "prodigy":
