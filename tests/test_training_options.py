@@ -43,6 +43,27 @@ def test_adaptive_optimizers_resume_exactly(tmp_path, optimizer, lr):
     assert all(torch.equal(full[k], again[k]) for k in full)
 
 
+@pytest.mark.parametrize("recipe", ["sls_frog_lora", "lycoris_loha", "sls_frog_dreambooth", "sls_frog_ti", "sls_frog_hypernetwork"])
+def test_bf16_on_a_cpu_trains_every_method_and_resumes_exactly(tmp_path, recipe):
+    """train.mixed_precision=bf16 on a CPU (torch's CPU autocast, frozen weights in bf16): every method's
+    trained weights move, stay finite, and a run resumed from its step-2 checkpoint ends where the
+    uninterrupted run does."""
+    settings = {"train.mixed_precision": "bf16", "train.max_steps": 4, "train.save_every_steps": 2, "train.keep_checkpoints": 0}
+
+    def run(out, resume=None):
+        train(load_recipe(REPO / "recipes" / f"{recipe}.yaml", fast_overrides(out, **settings)), resume=resume, show_progress=False)
+
+    run(tmp_path / "full")
+    halfway = tmp_path / "full" / "checkpoints" / "step-00000002"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(halfway, resumed / "checkpoints" / halfway.name)
+    run(resumed, resume="latest")
+    full, again, start = _weights(tmp_path / "full"), _weights(resumed), load_file(halfway / "trainable.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in full.values())
+    assert any(not torch.equal(full[name], start[name]) for name in full)
+    assert all(torch.equal(full[name], again[name]) for name in full)
+
+
 def test_8bit_adamw_names_what_it_needs_on_a_cpu_and_without_bitsandbytes(monkeypatch):
     """adamw8bit is the one optimizer with a machine and an optional package behind it: each missing one
     gets its own message with the fix, not an ImportError from deep in the loop."""

@@ -27,6 +27,7 @@ from trainer.formats.safetensors_file import iso_now
 from trainer.matmul_conv import use_matmul_convolutions
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
+from trainer.models.conversion import move_part
 from trainer.models.loading import load_recipe_model, locate_base
 from trainer.models.text import check_clip_skip
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -59,18 +60,33 @@ class TrainResult:
 
 
 def _mixed_precision(setting: str) -> str:
-    """train.mixed_precision on this machine: "auto" resolved, fp16/bf16 refused without a GPU.
+    """train.mixed_precision on this machine: "auto" resolved, fp16 refused without a GPU.
 
     The one setting checked here rather than in validate_recipe: a recipe is valid on every machine,
-    whether this one can run it is decided where it runs.
+    whether this one can run it is decided where it runs. bf16 runs on a CPU too (torch's CPU autocast),
+    at half the frozen weights' memory; "auto" keeps a CPU in fp32 (docs/benchmarks.md, "bf16 on a CPU").
     """
     if setting != "auto":
-        if setting != "no" and not torch.cuda.is_available():
-            raise UserError(f"Recipe key 'train.mixed_precision' is '{setting}', which needs a CUDA GPU; on CPU use 'auto' or 'no' (fp32).")
+        if setting == "fp16" and not torch.cuda.is_available():
+            raise UserError("Recipe key 'train.mixed_precision' is 'fp16', which needs a CUDA GPU; on CPU use 'bf16', 'auto' or 'no' (fp32).")
         return setting
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _forget_other_mixed_precision(mixed_precision: str) -> None:
+    """Let this process's next Accelerator take ``mixed_precision`` though an earlier run used another.
+
+    accelerate keeps one AcceleratorState per process and refuses an Accelerator with another mixed
+    precision than the first one's; a process that trains several recipes in turn (the tests, a
+    notebook) must be able to. Only the mixed-precision state is dropped, the processes' stays.
+    """
+    from accelerate.state import AcceleratorState
+
+    earlier = AcceleratorState._shared_state.get("_mixed_precision")
+    if earlier is not None and earlier != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -99,14 +115,7 @@ def _prepare_model(model, method, device: torch.device, weight_dtype: torch.dtyp
     """Frozen parts in the compute dtype (the VAE in fp32 if model.vae_fp32), trained parameters in fp32
     (mixed precision's master weights); on a CPU, convolutions with few output positions as matrix products."""
     for name, part in model.parts().items():
-        dtype = torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype
-        # Trained parameters keep their fp32 values: a round trip through the compute dtype would round a
-        # full fine-tune's master weights (and a LoRA's initial ones) to bf16/fp16.
-        trained = [(param, param.data) for param in part.parameters() if param.requires_grad]
-        # One call: each tensor is converted on its way, so a GPU never holds the fp32 copy of a bf16 part.
-        part.to(device=device, dtype=dtype)
-        for param, original in trained:
-            param.data = original.to(device=device, dtype=torch.float32)
+        move_part(part, device, torch.float32 if name == "vae" and model.vae_fp32 else weight_dtype)
         part.eval()
         if device.type == "cpu":
             use_matmul_convolutions(part)
@@ -192,6 +201,7 @@ def train(
         )
     recipe_dict = recipe_to_dict(recipe)
     prepare_environment()
+    _forget_other_mixed_precision(mixed_precision)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with="tensorboard" if recipe.output.tensorboard else None,

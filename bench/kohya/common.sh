@@ -15,6 +15,13 @@ esac
 # GRAD_CKPT=1: both sides with gradient checkpointing (the side is printed with -gradckpt).
 GRAD_CKPT=${GRAD_CKPT:-0}
 if [[ "$GRAD_CKPT" == 1 ]]; then SIDE=$SIDE-gradckpt; fi
+# MIXED_PRECISION=bf16: both sides in bf16 mixed precision, frozen weights in bf16 (printed with -bf16).
+MIXED_PRECISION=${MIXED_PRECISION:-no}
+case "$MIXED_PRECISION" in
+  no) ;;
+  bf16) SIDE=$SIDE-bf16 ;;
+  *) echo "MIXED_PRECISION is no or bf16" >&2; exit 2 ;;
+esac
 DATA=$REPO/datasets/sls_frog   # one subfolder "10_sls frog": 11 images x 10 repeats, 10 .txt captions
 OUT=$WORK/out/${SIDE}_${RES}_${SOURCE}_N${N}_$(date +%Y%m%d-%H%M%S)
 # Same environment on both sides. An OMP_NUM_THREADS already set is kept.

@@ -1,6 +1,6 @@
 #!/bin/bash
 # run_sdtrain.sh RES N [folder|single] -> 'sdtrain RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
-# Runs ${SDTRAIN:-sdtrain}. GRAD_CKPT=1: gradient checkpointing. DRY_RUN=1: print the command only.
+# Runs ${SDTRAIN:-sdtrain}. GRAD_CKPT=1: gradient checkpointing. MIXED_PRECISION=bf16: bf16 mixed precision. DRY_RUN=1: print the command only.
 SIDE=sdtrain
 source "$(dirname "$0")/common.sh"
 # output.dir is a fresh folder per run: sdtrain refuses to train into an earlier run's.
@@ -12,7 +12,7 @@ CMD=("${SDTRAIN:-sdtrain}" train "$REPO/recipes/sls_frog_lora.yaml"
   lora.rank=4 lora.alpha=1 lora.dropout=0 lora.feed_forward=true lora.conv_rank=0 lora.text_encoder=true
   train.optimizer=adamw train.lr=1e-4 train.weight_decay=0.01 train.max_grad_norm=1.0
   train.lr_scheduler=constant train.lr_warmup_steps=0 train.min_snr_gamma=5
-  'train.mixed_precision="no"' train.gradient_checkpointing=$([[ "$GRAD_CKPT" == 1 ]] && echo true || echo false)
+  "train.mixed_precision=\"$MIXED_PRECISION\"" train.gradient_checkpointing=$([[ "$GRAD_CKPT" == 1 ]] && echo true || echo false)
   train.seed=42 train.max_steps="$N" train.save_every_steps=0 train.keep_checkpoints=1
   sample.every_steps=0 'sample.prompts=[]'
   output.dir="$OUT/run" output.name=sls_frog 'output.formats=[kohya]' output.save_dtype=fp16 output.tensorboard=false)
