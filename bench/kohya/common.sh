@@ -3,13 +3,14 @@ set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/../.." && pwd)   # the sdtrain repository: its dataset and recipe
 WORK=${KOHYA_BENCH_DIR:-$HOME/kohya-bench}
-USAGE="usage: $0 RES N [folder|single]"
+USAGE="usage: $0 RES N [folder|single|tiny]"
 RES=${1:?$USAGE}
 N=${2:?$USAGE}
 SOURCE=${3:-folder}
 case "$SOURCE" in
   folder) MODEL=$WORK/models/sd15-random ;;
   single) MODEL=$WORK/models/sd15-random.safetensors ;;
+  tiny) MODEL=$WORK/models/tiny ;;   # sdtrain's built-in tiny model as a diffusers folder
   *) echo "$USAGE" >&2; exit 2 ;;
 esac
 # GRAD_CKPT=1: both sides with gradient checkpointing (the side is printed with -gradckpt).
@@ -22,6 +23,16 @@ case "$MIXED_PRECISION" in
   bf16) SIDE=$SIDE-bf16 ;;
   *) echo "MIXED_PRECISION is no or bf16" >&2; exit 2 ;;
 esac
+# METHOD=dreambooth|ti: that method instead of LoRA on both sides (printed with -dreambooth, -ti).
+METHOD=${METHOD:-lora}
+case "$METHOD" in
+  lora) ;;
+  dreambooth|ti) SIDE=$SIDE-$METHOD ;;
+  *) echo "METHOD is lora, dreambooth or ti" >&2; exit 2 ;;
+esac
+# BATCH=N: batch size N on both sides (printed with -bsN); 1 unless set.
+BATCH=${BATCH:-1}
+if [[ "$BATCH" != 1 ]]; then SIDE=$SIDE-bs$BATCH; fi
 DATA=$REPO/datasets/sls_frog   # one subfolder "10_sls frog": 11 images x 10 repeats, 10 .txt captions
 OUT=$WORK/out/${SIDE}_${RES}_${SOURCE}_N${N}_$(date +%Y%m%d-%H%M%S)
 # Same environment on both sides. An OMP_NUM_THREADS already set is kept.

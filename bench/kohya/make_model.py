@@ -1,5 +1,6 @@
 """make_model.py WORK (with sdtrain's python): write sdtrain's random:sd1 (seeded, so the same weights every time, fp32)
-as the diffusers folder WORK/models/sd15-random and the single file WORK/models/sd15-random.safetensors, and the CLIP tokenizer."""
+as the diffusers folder WORK/models/sd15-random and the single file WORK/models/sd15-random.safetensors, the built-in
+tiny model as the diffusers folder WORK/models/tiny, and the CLIP tokenizer."""
 import sys
 from pathlib import Path
 import torch
@@ -21,6 +22,8 @@ def prefix_text_encoder_keys(folder: Path) -> None:
 
 models = Path(sys.argv[1]) / "models"
 models.mkdir(parents=True, exist_ok=True)
+save_diffusers_folder(load_base_model("tiny"), models / "tiny", "fp32", replace=True)
+prefix_text_encoder_keys(models / "tiny")
 model = load_base_model("random:sd1")
 save_diffusers_folder(model, models / "sd15-random", "fp32", replace=True)
 prefix_text_encoder_keys(models / "sd15-random")

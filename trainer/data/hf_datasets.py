@@ -27,7 +27,6 @@ from trainer.data.sources import ImageSource, Problem, Subset
 if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
     from trainer.recipe import DataConfig
 
-SOURCES = ("folder", "datasets")
 DATASET_ORIGIN = "data.dataset"  # the origin of the dataset's subset
 FILE_FORMATS = (".parquet", ".arrow")
 # What save_to_disk writes next to the arrow files (a Dataset, or a DatasetDict of splits).

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 from PIL import Image, UnidentifiedImageError
 
 from trainer.data.buckets import BucketPlan, Size
-from trainer.data.hf_datasets import SOURCES, DatasetRow, dataset_sources
 from trainer.data.masks import mask_problems
 from trainer.data.sources import ImageSource, Problem, Subset, list_images, resolve_subsets
 
 if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+    from trainer.data.hf_datasets import DatasetRow
     from trainer.recipe import DataConfig
 
+SOURCES = ("folder", "datasets")  # data.source
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -175,6 +176,9 @@ def scan(cfg: DataConfig) -> ScanResult:
     image_counts: dict[str, int] = {}
     subsets: list[Subset] = []
     if cfg.source == "datasets" and cfg.dataset:
+        # Imported here: pyarrow costs every other run 29 MiB and 0.2 s of its start (docs/benchmarks.md, "The tiny model, side by side").
+        from trainer.data.hf_datasets import dataset_sources
+
         subsets, sources, dataset_problems = dataset_sources(cfg)
         problems += dataset_problems
         image_counts.update({subset.name: len(sources) for subset in subsets})
