@@ -50,7 +50,19 @@ measure() {  # measure DIR CMD...: run CMD in DIR, timed, into $OUT and print th
   local load_before; load_before=$(cut -d' ' -f1 /proc/loadavg)
   awk -v l="$load_before" 'BEGIN{exit !(l > 0.5)}' && echo "warning: load average $load_before before the run: the machine is not idle, times will be off" >&2
   cd "$dir"
-  python3 "$BENCH/tslog.py" "$OUT/run.log" -- /usr/bin/time -v -o "$OUT/time.txt" "$@" || echo "command failed, see $OUT/run.log" >&2
-  echo "$SIDE $RES $SOURCE $N $(python3 "$BENCH/parse_run.py" "${SIDE%%-*}" "$OUT/run.log" "$OUT/time.txt" "$N")"
+  local timer=(/usr/bin/time -v); [[ -x /usr/bin/time ]] || timer=(python3 "$BENCH/timev.py")
+  # On a GPU, the GPU's memory in use (all processes: run one side at a time) every 0.2 s.
+  local sampler=
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/gpu_memory_MiB.txt" 2>/dev/null &
+    sampler=$!
+  fi
+  python3 "$BENCH/tslog.py" "$OUT/run.log" -- "${timer[@]}" -o "$OUT/time.txt" "$@" || echo "command failed, see $OUT/run.log" >&2
+  local gpu=
+  if [[ -n "$sampler" ]]; then
+    kill "$sampler"; wait "$sampler" 2>/dev/null || true
+    gpu=" gpu_peak_MiB=$(sort -n "$OUT/gpu_memory_MiB.txt" | tail -1)"
+  fi
+  echo "$SIDE $RES $SOURCE $N $(python3 "$BENCH/parse_run.py" "${SIDE%%-*}" "$OUT/run.log" "$OUT/time.txt" "$N")$gpu"
   echo "log: $OUT/run.log (per-step times: $OUT/steps.txt; load average before/after: $load_before/$(cut -d' ' -f1 /proc/loadavg))" >&2
 }
