@@ -5,14 +5,21 @@
 # folder). One line per run, as run_kohya.sh prints it, with the GPU's peak memory; the runs' logs go to
 # $OUT/kohya_bench_runs.tgz when OUT is set (the device tool brings it back). PYTHON (default python3) runs sdtrain; KOHYA_PYTHON (default
 # PYTHON) runs kohya, so the script can be tried on a CPU machine with two venvs.
+# Everything goes in DEVICE_BENCH_DIR (default /tmp/sdtrain-kohya-device).
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$BENCH/../.." && pwd)
 RES=${1:-512} N=${2:-100} PAIRS=${3:-2} SOURCE=${4:-folder}
 PYTHON=${PYTHON:-python3}; KOHYA_PYTHON=${KOHYA_PYTHON:-$PYTHON}
 CARRIED=$REPO/.device-bench
-WORK=${KOHYA_BENCH_DIR:-/tmp/kohya-bench}
+# A folder of this script's own (DEVICE_BENCH_DIR): it writes wrappers, libraries and models there, so it refuses a
+# folder it did not make (a kohya bench folder of setup_env.sh holds a real venv and sd-scripts clone).
+WORK=${DEVICE_BENCH_DIR:-/tmp/sdtrain-kohya-device}
 [[ -d "$CARRIED/sd-scripts" ]] || { echo "needs $CARRIED: run bench/kohya/device_prepare.sh here and carry .device-bench" >&2; exit 2; }
+if [[ -e "$WORK" && ! -e "$WORK/.made-by-device_run" ]]; then
+  echo "$WORK exists and was not made by device_run.sh; set DEVICE_BENCH_DIR to a new folder" >&2; exit 2
+fi
+mkdir -p "$WORK"; touch "$WORK/.made-by-device_run"
 install() {  # install SITE WHEEL...: into a folder of their own, ahead of the machine's packages on PYTHONPATH
   local site=$1; shift
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$@"
