@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import bench
 from trainer.bench import Configuration, Measurement, main, measure, run_bench
@@ -52,8 +53,10 @@ def test_bench_measures_each_configuration_in_its_own_process_and_reports_failur
         # Launch to step 1 comes before launch to the LoRA written, and both happened inside this command.
         first_step, end_to_end = (float(cell.removesuffix(" s")) for cell in row[9:11])
         assert 0 < first_step < end_to_end < elapsed
-        # A UNet step multiplies matrices; the ceiling fraction is a percentage of a measured rate.
-        assert float(row[11]) > 0 and float(row[12].removesuffix(" %")) > 0
+        # A UNet step multiplies matrices; the ceiling fraction is a percentage of a rate measured in the step's
+        # dtype, fp32 for this recipe (train.mixed_precision: auto) on a CPU.
+        percent, dtype = row[12].split(" % ")
+        assert float(row[11]) > 0 and float(percent) > 0 and dtype == ("(bf16)" if torch.cuda.is_available() else "(fp32)")
     assert "device: " in captured.out
     assert [row[0] for row in (unknown, unknown_two)] == ["random:sd9"] * 2 and unknown[6:] == unknown_two[6:] == ["failed"] + ["-"] * 6
     # The child's error says what would have worked.
@@ -71,10 +74,12 @@ def test_a_configuration_trains_its_settings_and_times_only_the_steps_after_warm
         trained.append((recipe, count_flops_of_step))
         return TrainResult(
             output_dir=Path(recipe.output.dir), artifacts=[], step_seconds=[30.0, 0.5, 1.5, 1.0], first_step_ended=launched + 40.0, step_flops=5 * 10**9,
+            compute_dtype="bf16",
         )
 
     monkeypatch.setattr("trainer.loop.train", fake_train)
-    monkeypatch.setattr(bench, "matmul_flops_per_second", lambda: 10e9)
+    # The ceiling is timed in the dtype the steps computed in: bf16's rate here, fp32's would be another.
+    monkeypatch.setattr(bench, "matmul_flops_per_second", lambda dtype: {"bf16": 10e9, "fp32": 1e9}[dtype])
     config = Configuration(
         model="tiny", recipe=str(bench.DEFAULT_RECIPE), dataset=str(tmp_path / "data"), output_dir=str(tmp_path / "run"),
         resolution=128, batch_size=3, cache_latents=True, gradient_checkpointing=True, warmup_steps=1, timed_steps=3, launched_at=launched,
@@ -84,7 +89,7 @@ def test_a_configuration_trains_its_settings_and_times_only_the_steps_after_warm
     # Counted from the launch, not from when training began; the end after all 100 s that passed since.
     assert measurement.first_step_seconds == pytest.approx(40.0) and measurement.end_to_end_seconds >= 100.0
     # The FLOPs of the (untimed) warm-up step at the timed steps' pace: 5 GFLOP per 1.0 s of a 10 GFLOP/s ceiling.
-    assert measurement.ceiling_fraction == pytest.approx(0.5)
+    assert measurement.ceiling_fraction == pytest.approx(0.5) and measurement.ceiling_dtype == "bf16"
     ((recipe, counted_step),) = trained
     assert counted_step == 1
     assert (recipe.model.base, recipe.data.dir, recipe.data.subsets, recipe.output.dir) == ("tiny", config.dataset, [], config.output_dir)
@@ -100,7 +105,7 @@ def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
         (False, False): Measurement(0.25, 3 * gib, "RSS", "CPU: test"),
         (False, True): "RuntimeError: not enough memory",
         (True, False): Measurement(0.5, gib, "RSS", "CPU: test"),
-        (True, True): Measurement(2.0, gib // 2, "RSS", "CPU: test", 9.5, 61.25, 3 * 10**9, 6e9),
+        (True, True): Measurement(2.0, gib // 2, "RSS", "CPU: test", 9.5, 61.25, 3 * 10**9, 6e9, "bf16"),
     }
     monkeypatch.setattr(bench, "_measure_in_subprocess", lambda config, path: outcomes[config.cache_latents, config.gradient_checkpointing])
     table = run_bench(["tiny"], steps=3, resolution=64, log=lambda _: None)
@@ -111,11 +116,24 @@ def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
         ("off", "on"): ["failed"] + ["-"] * 6,
         ("on", "off"): ["2.000", "0.500", "1.00 GiB RSS", "-", "-", "-", "-"],
         # 3 GFLOP in 2 s of a 6 GFLOP/s ceiling: 25 %.
-        ("on", "on"): ["0.500", "2.000", "0.50 GiB RSS", "9.5 s", "61.2 s", "3.0", "25 %"],
+        ("on", "on"): ["0.500", "2.000", "0.50 GiB RSS", "9.5 s", "61.2 s", "3.0", "25 % (bf16)"],
     }
     failures = table.split("Failed configurations:\n")[1]
     assert "cache: off  grad ckpt: on" in failures and "RuntimeError: not enough memory" in failures
-    assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table and "6.0 GFLOP/s" in table
+    assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table and "bf16: 6.0 GFLOP/s" in table
+
+
+def test_a_bf16_run_is_measured_against_a_bf16_matmul(tmp_path):
+    # Under bf16 mixed precision the step's products run in bf16, whose peak differs from fp32's (several
+    # times over on a GPU): its share of the ceiling is taken against a bf16 matmul timed in its process.
+    recipe = tmp_path / "bf16.yaml"
+    text = bench.DEFAULT_RECIPE.read_text(encoding="utf-8")
+    recipe.write_text(text.replace("mixed_precision: auto", "mixed_precision: bf16", 1), encoding="utf-8")
+    table = run_bench(["tiny"], steps=1, resolution=64, cache=(True,), gradient_checkpointing=(False,), recipe=recipe, log=lambda _: None)
+    _, _, row = _rows(table)
+    percent, dtype = row[12].split(" % ")
+    assert float(percent) > 0 and dtype == "(bf16)"
+    assert "bf16: " in table and "fp32: " not in table
 
 
 def test_resolution_must_be_a_bucket_size():

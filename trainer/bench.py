@@ -15,8 +15,10 @@ Beside the steady state, each row shows how soon the command gets going: the tim
 process to the end of optimizer step 1 (imports, model loading, latent encoding, the step) and to the
 LoRA written. And how close each step comes to the machine's limit: the last warm-up step runs under
 torch's FlopCounterMode (trainer.flops.StepFlops), and after training the same process times a large
-fp32 matmul on the same threads; the step's FLOPs over its mean time, divided by that matmul's rate,
-is the fraction of the matmul ceiling the step achieves.
+matmul on the same device and threads, in the dtype the step's products computed in (fp32, or bf16/fp16
+under mixed precision: a GPU's bf16 peak is many times its fp32 one); the step's FLOPs over its mean
+time, divided by that matmul's rate, is the fraction of the matmul ceiling the step achieves (its MFU,
+measured against what this machine delivers rather than a data sheet).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ COLUMNS = (
     "model", "resolution", "processes", "batch", "cache", "grad ckpt", "steps/s", "s/step", "peak memory",
     "first step", "end to end", "GFLOP/step", "of ceiling",
 )
-# The matmul that measures the ceiling: large enough that its rate is the machine's, not the call overhead's.
-CEILING_MATMUL_SIZE = 2048
+# The matmul that measures the ceiling: large enough that its rate is the machine's, not the call overhead's
+# (a 2048-square bf16 product takes tens of microseconds on a current GPU, about a launch's overhead).
+CEILING_MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 CEILING_REPEATS = 3
 # Buckets come in steps of 64 px: other resolutions would train at a smaller size than the table says.
 RESOLUTION_STEP = 64
@@ -100,7 +103,8 @@ class Measurement:
     first_step_seconds: float | None = None  # launch to the end of optimizer step 1
     end_to_end_seconds: float | None = None  # launch to the artifacts written
     step_flops: int | None = None  # of the last warm-up step; None without warm-up
-    ceiling_flops_per_second: float | None = None  # a large fp32 matmul's rate on the same threads
+    ceiling_flops_per_second: float | None = None  # a large matmul's rate on the same threads, in ceiling_dtype
+    ceiling_dtype: str | None = None  # the dtype the step's products computed in: fp32, bf16 or fp16
 
     @property
     def ceiling_fraction(self) -> float | None:
@@ -129,12 +133,14 @@ def _peak_memory() -> tuple[int, str]:
     return (peak if sys.platform == "darwin" else peak * 1024), "RSS"
 
 
-def matmul_flops_per_second(size: int = CEILING_MATMUL_SIZE, repeats: int = CEILING_REPEATS) -> float:
-    """The best rate of a ``size``-square fp32 matmul (2 size³ FLOPs) on the training device and threads."""
+def matmul_flops_per_second(dtype: str = "fp32", repeats: int = CEILING_REPEATS) -> float:
+    """The best rate of a square ``dtype`` matmul (2 n³ FLOPs) on the training device and threads."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    size = CEILING_MATMUL_SIZE[device]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = (torch.randn(size, size, device=device, dtype=torch_dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first call pays for allocation and kernel selection
         if device == "cuda":
@@ -161,7 +167,8 @@ def measure(config: Configuration) -> Measurement:
     return Measurement(
         sum(timed) / len(timed), peak, kind, _device_name(),
         first_step_seconds=result.first_step_ended - launched if result.first_step_ended else None,
-        end_to_end_seconds=finished - launched, step_flops=result.step_flops, ceiling_flops_per_second=matmul_flops_per_second(),
+        end_to_end_seconds=finished - launched, step_flops=result.step_flops,
+        ceiling_flops_per_second=matmul_flops_per_second(result.compute_dtype), ceiling_dtype=result.compute_dtype,
     )
 
 
@@ -213,7 +220,8 @@ def _cells(outcome: Measurement) -> tuple[str, ...]:
     return (
         f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}",
         _optional(outcome.first_step_seconds, "{:.1f} s"), _optional(outcome.end_to_end_seconds, "{:.1f} s"),
-        _optional(outcome.step_flops and outcome.step_flops / 1e9, "{:.1f}"), _optional(outcome.ceiling_fraction and 100 * outcome.ceiling_fraction, "{:.0f} %"),
+        _optional(outcome.step_flops and outcome.step_flops / 1e9, "{:.1f}"),
+        _optional(outcome.ceiling_fraction and 100 * outcome.ceiling_fraction, f"{{:.0f}} % ({outcome.ceiling_dtype})"),
     )
 
 
@@ -226,11 +234,18 @@ def _markdown_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join([line(COLUMNS), line("-" * width for width in widths), *(line(row) for row in rows)])
 
 
-def _ceiling_range(ceilings: set[float | None]) -> str:
-    rates = sorted(rate / 1e9 for rate in ceilings if rate)
-    if not rates:
+def _ceiling_rates(ceilings: set[tuple[str | None, float | None]]) -> str:
+    """'fp32: 190.5 GFLOP/s; bf16: 350.2-361.0 GFLOP/s': each dtype's measured rates, the range over the configurations."""
+    by_dtype: dict[str, list[float]] = {}
+    for dtype, rate in sorted(ceilings, key=lambda pair: (pair[0] or "", pair[1] or 0.0)):
+        if dtype and rate:
+            by_dtype.setdefault(dtype, []).append(rate / 1e9)
+    if not by_dtype:
         return "not measured"
-    return f"{rates[0]:.1f} GFLOP/s" if len(rates) == 1 else f"{rates[0]:.1f}-{rates[-1]:.1f} GFLOP/s"
+    return "; ".join(
+        f"{dtype}: {rates[0]:.1f} GFLOP/s" if len(rates) == 1 else f"{dtype}: {rates[0]:.1f}-{rates[-1]:.1f} GFLOP/s"
+        for dtype, rates in by_dtype.items()
+    )
 
 
 def _describe(cells: tuple[str, ...]) -> str:
@@ -269,7 +284,7 @@ def run_bench(
     rows: list[tuple[str, ...]] = []
     failures: list[str] = []
     devices: set[str] = set()
-    ceilings: set[float | None] = set()
+    ceilings: set[tuple[str | None, float | None]] = set()
     with tempfile.TemporaryDirectory(prefix="sdtrain-bench-") as tmp:
         work = Path(tmp)
         datasets = {count: _bench_dataset(work / f"data-{count}", batch_size * count) for count in processes}
@@ -284,7 +299,7 @@ def run_bench(
             cells = (model, f"{resolution}x{resolution}", str(count), str(batch_size), _on_off(cached), _on_off(checkpointed))
             if isinstance(outcome, Measurement):
                 devices.add(outcome.device)
-                ceilings.add(outcome.ceiling_flops_per_second)
+                ceilings.add((outcome.ceiling_dtype, outcome.ceiling_flops_per_second))
                 row = cells + _cells(outcome)
             else:
                 failures.append(f"{_describe(cells)}:\n{outcome}")
@@ -298,8 +313,9 @@ def run_bench(
         "batch: per process; with several processes, the main process's time and memory",
         "first step / end to end: from launching the process to the end of optimizer step 1 / to the artifacts written; "
         "GFLOP/step: FlopCounterMode over the last warm-up step (matmuls, convolutions, attention; forward and backward); "
-        f"of ceiling: GFLOP/step / s/step over a {CEILING_MATMUL_SIZE}-square fp32 matmul's rate in the same process "
-        f"({_ceiling_range(ceilings)})",
+        "of ceiling: GFLOP/step / s/step over the rate of a large square matmul (CPU: "
+        f"{CEILING_MATMUL_SIZE['cpu']}, CUDA: {CEILING_MATMUL_SIZE['cuda']}) that the same process measured in the dtype the "
+        f"step's products computed in, named in the cell ({_ceiling_rates(ceilings)})",
         "",
     ]
     text = "\n".join(header) + _markdown_table(rows)

@@ -57,6 +57,9 @@ class TrainResult:
     first_step_ended: float | None = None
     # Floating-point operations of the step train(count_flops_of_step=...) named (trainer.bench).
     step_flops: int | None = None
+    # The dtype the step's matrix products compute in ("fp32", "bf16" or "fp16": autocast's under mixed
+    # precision), for the bench's matmul ceiling in that dtype.
+    compute_dtype: str = "fp32"
 
 
 def _mixed_precision(setting: str) -> str:
@@ -313,7 +316,7 @@ def train(
         model, recipe, recipe.data.cache_latents != "none" and (whole_run or (repeats and not recipe.data.flip)),
         text_mode != "none" and (whole_run or (repeats and fixed_captions)), validator is not None, output_dir,
     )
-    result = TrainResult(output_dir=output_dir, artifacts=[])
+    result = TrainResult(output_dir=output_dir, artifacts=[], compute_dtype={"no": "fp32"}.get(mixed_precision, mixed_precision))
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not (show_progress and world.is_main), unit="step", dynamic_ncols=True)
