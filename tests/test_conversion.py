@@ -1,4 +1,5 @@
-"""Frozen parts converted to the compute dtype give back the file pages they were read from."""
+"""Frozen parts converted to the compute dtype give back the file pages they were read from; a base model
+loads its frozen parts straight in the compute dtype."""
 
 from __future__ import annotations
 
@@ -54,3 +55,58 @@ def test_a_mapped_model_converted_to_bf16_gives_its_file_pages_back_and_keeps_ev
     assert _resident_kib(path) <= 2 * len(reference) * mmap.PAGESIZE // 1024
     # What still points at the given-back pages reads the file's values again.
     assert all(torch.equal(loaded[name], reference[name]) for name in reference)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_half_precision_file_is_read_into_another_dtype_without_keeping_its_file_pages(tmp_path, dtype):
+    # Checkpoints are shared in fp16; a base model loads in fp32, or its frozen parts in bf16 for a bf16 run.
+    # Each tensor's file pages go once its copy exists, so the file and the converted model are never resident
+    # together (an fp16 SDXL file: 7 GB more at the peak).
+    from trainer.models.single_file import empty, load_strict
+
+    def build():
+        return nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 384), nn.Linear(384, 256))
+
+    torch.manual_seed(0)
+    reference = {name: tensor.half() for name, tensor in build().state_dict().items()}
+    path = tmp_path / "model-fp16.safetensors"
+    save_file(reference, path)
+    loaded = load_file(path)  # mapped, as read_state_dict reads a single file
+    assert all(torch.equal(loaded[name], reference[name]) for name in reference)  # every page read once
+    total_kib = sum(tensor.numel() * tensor.element_size() for tensor in reference.values()) // 1024
+    assert _resident_kib(path) >= total_kib
+
+    model = load_strict(empty(build), loaded, "test model", path, "its config", dtype=dtype)
+
+    state = model.state_dict()
+    # Each value is the file's, converted once (fp16 -> fp32 is exact; to bf16 it is rounded once, not twice).
+    assert all(state[name].dtype == dtype and torch.equal(state[name], reference[name].to(dtype)) for name in reference)
+    # While the mapping is still open (`loaded` holds it), only the end pages of each tensor stay, as above.
+    assert _resident_kib(path) <= 2 * len(reference) * mmap.PAGESIZE // 1024
+    assert all(torch.equal(loaded[name], reference[name]) for name in reference)
+
+
+def test_frozen_parts_load_straight_in_the_compute_dtype_and_the_method_s_parts_in_fp32(tmp_path):
+    # A bf16 run's frozen parts are read from an fp16 file straight into bf16; the parts the method trains or
+    # reads at full precision (here the text encoder, as Textual Inversion asks) come in fp32; all load frozen.
+    from trainer.models.export import save_diffusers_folder, save_single_file
+    from trainer.models.loading import load_base_model
+
+    tiny = load_base_model("tiny")
+    path = save_single_file(tiny, tmp_path / "tiny-fp16.safetensors", dtype=torch.float16)
+    config = tmp_path / "tiny"  # the tiny architecture's configs (a single file is read with SD1.5's by default)
+    save_diffusers_folder(tiny, config, "fp32")
+    file = load_file(path)
+
+    model = load_base_model(str(path), config=str(config), frozen_dtype=torch.bfloat16, full_precision_parts={"text_encoders"})
+
+    dtypes = {name: {p.dtype for p in part.parameters()} for name, part in model.parts().items()}
+    assert dtypes == {"unet": {torch.bfloat16}, "vae": {torch.bfloat16}, "text_encoder": {torch.float32}}
+    assert not any(p.requires_grad for part in model.parts().values() for p in part.parameters())
+    assert torch.equal(model.unet.conv_in.weight, file["model.diffusion_model.input_blocks.0.0.weight"].to(torch.bfloat16))
+    text_embedding = model.text_encoders[0].model.get_input_embeddings().weight
+    assert torch.equal(text_embedding, file["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].float())
+    # The same load with model.vae_fp32 keeps the VAE in fp32 (SDXL's default: its VAE overflows in half precision).
+    kept = load_base_model(str(path), config=str(config), frozen_dtype=torch.bfloat16, vae_fp32=True)
+    assert {p.dtype for p in kept.vae.parameters()} == {torch.float32}

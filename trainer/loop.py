@@ -243,7 +243,8 @@ def train(
     set_seed(cfg.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
-    model = load_recipe_model(recipe.model, source)
+    # Frozen parts load straight in the compute dtype: a half-precision file is never widened to fp32 first.
+    model = load_recipe_model(recipe.model, source, frozen_dtype=weight_dtype, full_precision_parts=method_cls.full_precision_parts(recipe))
     model.objective_settings = diffusion.ObjectiveSettings.from_train(cfg)
     _check_fits_model(recipe, model)
     method = method_cls(recipe, model)

@@ -3,14 +3,16 @@ set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/../.." && pwd)   # the sdtrain repository: its dataset and recipe
 WORK=${KOHYA_BENCH_DIR:-$HOME/kohya-bench}
-USAGE="usage: $0 RES N [folder|single|tiny]"
+USAGE="usage: $0 RES N [folder|single|single-fp16|tiny|sdxl]"
 RES=${1:?$USAGE}
 N=${2:?$USAGE}
 SOURCE=${3:-folder}
 case "$SOURCE" in
   folder) MODEL=$WORK/models/sd15-random ;;
   single) MODEL=$WORK/models/sd15-random.safetensors ;;
+  single-fp16) MODEL=$WORK/models/sd15-random-fp16.safetensors ;;   # the same weights rounded to fp16
   tiny) MODEL=$WORK/models/tiny ;;   # sdtrain's built-in tiny model as a diffusers folder
+  sdxl) MODEL=$WORK/models/sdxl-random.safetensors ;;   # random:sdxl, fp16 (make_model.py WORK sdxl); LoRA only
   *) echo "$USAGE" >&2; exit 2 ;;
 esac
 # GRAD_CKPT=1: both sides with gradient checkpointing (the side is printed with -gradckpt).
@@ -30,6 +32,7 @@ case "$METHOD" in
   dreambooth|ti) SIDE=$SIDE-$METHOD ;;
   *) echo "METHOD is lora, dreambooth or ti" >&2; exit 2 ;;
 esac
+if [[ "$SOURCE" == sdxl && "$METHOD" != lora ]]; then echo "the sdxl model is compared with METHOD=lora only" >&2; exit 2; fi
 # BATCH=N: batch size N on both sides (printed with -bsN); 1 unless set.
 BATCH=${BATCH:-1}
 if [[ "$BATCH" != 1 ]]; then SIDE=$SIDE-bs$BATCH; fi

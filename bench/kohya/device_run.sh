@@ -2,7 +2,7 @@
 # device_run.sh [RES] [N] [PAIRS] [SOURCE]: on a lent GPU machine, from the repository root, with ".device-bench"
 # carried (device_prepare.sh): install both sides beside the machine's own python3 (its CUDA torch), write the models,
 # then run kohya and sdtrain in turn PAIRS times on the same bf16 LoRA job (RES px, N steps; defaults 512, 100, 2,
-# folder). One line per run, as run_kohya.sh prints it, with the GPU's peak memory; the runs' logs go to
+# folder; SOURCE sdxl: random:sdxl, e.g. "1024 30 1 sdxl"). One line per run, as run_kohya.sh prints it, with the GPU's peak memory; the runs' logs go to
 # $OUT/kohya_bench_runs.tgz when OUT is set (the device tool brings it back). PYTHON (default python3) runs sdtrain; KOHYA_PYTHON (default
 # PYTHON) runs kohya, so the script can be tried on a CPU machine with two venvs.
 # Everything goes in DEVICE_BENCH_DIR (default /tmp/sdtrain-kohya-device).
@@ -32,8 +32,13 @@ mkdir -p "$WORK/venv/bin"
 printf '#!/bin/sh\nPYTHONPATH=%s:%s exec %s "$@"\n' "$WORK/kohya-site" "$WORK/sd-scripts" "$KOHYA_PYTHON" > "$WORK/venv/bin/python"
 printf '#!/bin/sh\nPYTHONPATH=%s:%s exec %s -m trainer.cli "$@"\n' "$WORK/sdtrain-site" "$REPO" "$PYTHON" > "$WORK/sdtrain"
 chmod +x "$WORK/venv/bin/python" "$WORK/sdtrain"
-[[ -e "$WORK/models/sd15-random.safetensors" && -e "$WORK/models/tiny" ]] ||
-  HF_HUB_OFFLINE=1 PYTHONPATH="$WORK/sdtrain-site:$REPO" "$PYTHON" "$BENCH/make_model.py" "$WORK"
+if [[ "$SOURCE" == sdxl ]]; then
+  [[ -e "$WORK/models/sdxl-random.safetensors" ]] ||
+    HF_HUB_OFFLINE=1 PYTHONPATH="$WORK/sdtrain-site:$REPO" "$PYTHON" "$BENCH/make_model.py" "$WORK" sdxl
+else
+  [[ -e "$WORK/models/sd15-random.safetensors" && -e "$WORK/models/tiny" ]] ||
+    HF_HUB_OFFLINE=1 PYTHONPATH="$WORK/sdtrain-site:$REPO" "$PYTHON" "$BENCH/make_model.py" "$WORK"
+fi
 export KOHYA_BENCH_DIR=$WORK SDTRAIN=$WORK/sdtrain MIXED_PRECISION=bf16
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
 for _ in $(seq "$PAIRS"); do

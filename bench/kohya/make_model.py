@@ -1,6 +1,7 @@
-"""make_model.py WORK (with sdtrain's python): write sdtrain's random:sd1 (seeded, so the same weights every time, fp32)
-as the diffusers folder WORK/models/sd15-random and the single file WORK/models/sd15-random.safetensors, the built-in
-tiny model as the diffusers folder WORK/models/tiny, and the CLIP tokenizer."""
+"""make_model.py WORK [sdxl] (with sdtrain's python): write sdtrain's random:sd1 (seeded, so the same weights every
+time, fp32) as the diffusers folder WORK/models/sd15-random and the single file WORK/models/sd15-random.safetensors (and
+rounded to fp16, WORK/models/sd15-random-fp16.safetensors), the built-in tiny model as the diffusers folder WORK/models/tiny, and the CLIP tokenizer. With sdxl: only random:sdxl as the
+single file WORK/models/sdxl-random.safetensors (fp16, 7 GB: what SDXL files are shared as) and SDXL's second tokenizer."""
 import sys
 from pathlib import Path
 import torch
@@ -22,13 +23,26 @@ def prefix_text_encoder_keys(folder: Path) -> None:
 
 models = Path(sys.argv[1]) / "models"
 models.mkdir(parents=True, exist_ok=True)
+# kohya loads its tokenizers by hub id unless --tokenizer_cache_dir holds a folder of that name (the id with "_" for
+# "/"); sdtrain writes the same tokenizer files offline.
+tokenizers = Path(sys.argv[1]) / "tokenizer_cache"
+if sys.argv[2:] == ["sdxl"]:
+    model = load_base_model("random:sdxl")
+    # Converted in place, one tensor at a time: the fp32 model (14 GB) and an fp16 copy would not fit 24 GB together.
+    for part in model.parts().values():
+        part.to(torch.float16)
+    # SDXL's second tokenizer (OpenCLIP bigG) is the same BPE padded with "!".
+    write_tokenizer_files(tokenizers / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k", pad_token="!")
+    write_tokenizer_files(tokenizers / "openai_clip-vit-large-patch14")
+    save_single_file(model, models / "sdxl-random.safetensors", dtype=torch.float16, title="sdxl-random")
+    sys.exit()
 save_diffusers_folder(load_base_model("tiny"), models / "tiny", "fp32", replace=True)
 prefix_text_encoder_keys(models / "tiny")
 model = load_base_model("random:sd1")
 save_diffusers_folder(model, models / "sd15-random", "fp32", replace=True)
 prefix_text_encoder_keys(models / "sd15-random")
-# kohya loads its tokenizer by hub id (openai/clip-vit-large-patch14) unless --tokenizer_cache_dir holds a folder
-# of that name; sdtrain writes the same tokenizer files offline.
-write_tokenizer_files(Path(sys.argv[1]) / "tokenizer_cache" / "openai_clip-vit-large-patch14")
+write_tokenizer_files(tokenizers / "openai_clip-vit-large-patch14")
+# The same weights rounded to fp16, as checkpoints are shared.
+save_single_file(model, models / "sd15-random-fp16.safetensors", dtype=torch.float16, title="sd15-random-fp16")
 # Last: setup_env.sh takes this file as the sign that everything above is there.
 save_single_file(model, models / "sd15-random.safetensors", dtype=torch.float32, title="sd15-random")

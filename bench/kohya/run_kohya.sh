@@ -1,5 +1,5 @@
 #!/bin/bash
-# run_kohya.sh RES N [folder|single|tiny] -> 'kohya RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
+# run_kohya.sh RES N [folder|single|single-fp16|tiny|sdxl] -> 'kohya RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
 # KOHYA_SDPA=0: kohya's own attention instead of --sdpa (printed as kohya-nosdpa). GRAD_CKPT=1: gradient checkpointing.
 # MIXED_PRECISION=bf16: bf16 mixed precision. METHOD=dreambooth|ti: that method. BATCH=N: batch size N.
 # DRY_RUN=1: print the command only.
@@ -20,6 +20,8 @@ case "$METHOD" in
 esac
 # sd-scripts builds SD1.5's UNet widths only; kohya_narrow_unet.py builds the tiny model's.
 if [[ "$SOURCE" == tiny ]]; then TRAIN=("$BENCH/kohya_narrow_unet.py" "$MODEL" "${TRAIN[@]}"); fi
+# SDXL has its own script with the same options (its LoRA also on both text encoders, as sdtrain's lora.text_encoder).
+if [[ "$SOURCE" == sdxl ]]; then TRAIN=(sdxl_train_network.py "${TRAIN[@]:1}"); fi
 CMD=("$WORK/venv/bin/python" "${TRAIN[@]}"
   --pretrained_model_name_or_path "$MODEL"
   --tokenizer_cache_dir "$WORK/tokenizer_cache"

@@ -1,5 +1,5 @@
 #!/bin/bash
-# run_sdtrain.sh RES N [folder|single|tiny] -> 'sdtrain RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
+# run_sdtrain.sh RES N [folder|single|single-fp16|tiny|sdxl] -> 'sdtrain RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
 # Runs ${SDTRAIN:-sdtrain}. GRAD_CKPT=1: gradient checkpointing. MIXED_PRECISION=bf16: bf16 mixed precision.
 # METHOD=dreambooth|ti: that method. BATCH=N: batch size N. DRY_RUN=1: print the command only.
 SIDE=sdtrain
@@ -15,11 +15,13 @@ case "$METHOD" in
              textual_inversion.num_vectors=2 textual_inversion.captions=object train.lr=5e-3 train.weight_decay=0.0
              'output.formats=[a1111]') ;;
 esac
+# SDXL's recipe: the same keys, the SDXL comments and defaults (the overrides below set every one that differs).
+if [[ "$SOURCE" == sdxl ]]; then TRAIN=("$REPO/recipes/sdxl/sls_frog_lora.yaml" "${TRAIN[@]:1}"); fi
 # output.dir is a fresh folder per run: sdtrain refuses to train into an earlier run's.
 CMD=("${SDTRAIN:-sdtrain}" train "${TRAIN[@]}"
   model.base="$MODEL" data.dir="$DATA" data.caption_extension=.txt
   data.resolution="$RES" data.buckets.enabled=true data.buckets.min_side=64 data.buckets.max_side=$((2*RES)) data.buckets.step=64 data.buckets.no_upscale=false
-  data.flip=false data.shuffle_tags=false data.cache_latents=memory
+  data.flip=false data.shuffle_tags=false data.cache_latents=memory data.cache_text_encoder_outputs=none
   train.batch_size="$BATCH" train.gradient_accumulation_steps=1 train.optimizer=adamw train.max_grad_norm=1.0
   train.lr_scheduler=constant train.lr_warmup_steps=0 train.min_snr_gamma=5
   "train.mixed_precision=\"$MIXED_PRECISION\"" train.gradient_checkpointing=$([[ "$GRAD_CKPT" == 1 ]] && echo true || echo false)

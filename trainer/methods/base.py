@@ -89,6 +89,16 @@ class TrainingMethod:
         """
         return None
 
+    @classmethod
+    def full_precision_parts(cls, recipe: Recipe) -> frozenset[str]:
+        """The base model's parts ("unet", "text_encoders", "vae") this method trains or reads in fp32 before
+        training; the others load straight in the compute dtype under mixed precision (trainer.models.loading).
+
+        An adapter made on a part is made in that part's dtype (peft's LoRA: its initial weights are rounded to
+        the compute dtype, then trained in fp32).
+        """
+        return frozenset()
+
     def prepare_data(self, data, device: torch.device):
         """Last chance to complete the data with the base model at hand (e.g. generate class images).
 

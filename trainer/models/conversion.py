@@ -53,22 +53,36 @@ def _release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]], l
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
-def move_part(part: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """``part``'s floating-point tensors to ``device`` in ``dtype``, its trained parameters in fp32.
+class FileBackedConversion:
+    """Converts tensors one by one and gives back each source tensor's file pages once its copy exists.
+
+    Made after the files are mapped: it reads this process's file mappings once."""
+
+    def __init__(self):
+        self.mappings = _file_mappings()
+        self.libc = ctypes.CDLL(None) if self.mappings else None
+
+    def __call__(self, tensor: torch.Tensor, **to: object) -> torch.Tensor:
+        """``tensor.to(**to)``; a copy (not ``tensor`` itself) releases ``tensor``'s file pages."""
+        converted = tensor.to(**to)
+        if self.mappings and converted.data_ptr() != tensor.data_ptr():
+            _release_file_pages(tensor, self.mappings, self.libc)
+        return converted
+
+
+def move_part(part: nn.Module, device: torch.device | None, dtype: torch.dtype) -> None:
+    """``part``'s floating-point tensors to ``device`` (None: where they are) in ``dtype``, its trained parameters in fp32.
 
     Trained parameters keep fp32 values: a round trip through the compute dtype would round a full
-    fine-tune's master weights (and a LoRA's initial ones) to bf16/fp16. Tensor by tensor, so a GPU
-    never holds the fp32 copy of a bf16 part either.
+    fine-tune's master weights to bf16/fp16 (methods that train base weights load those parts in fp32:
+    ``TrainingMethod.full_precision_parts``). Tensor by tensor, so a GPU never holds the fp32 copy of a
+    bf16 part either.
     """
-    mappings = _file_mappings()
-    libc = ctypes.CDLL(None) if mappings else None
+    conversion = FileBackedConversion()
 
     def convert(tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
             return tensor.to(device)
-        converted = tensor.to(device=device, dtype=torch.float32 if tensor.requires_grad else dtype)
-        if mappings and converted.data_ptr() != tensor.data_ptr():
-            _release_file_pages(tensor, mappings, libc)
-        return converted
+        return conversion(tensor, device=device, dtype=torch.float32 if tensor.requires_grad else dtype)
 
     part._apply(convert)

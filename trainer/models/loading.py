@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from trainer.families import AUTO, all_families, family_named
 from trainer.families.base import PACKAGED_CONFIGS
 from trainer.formats.ldm_checkpoint import CheckpointLayoutError, detect_layout
 from trainer.models.base_model import BaseModel, TextEncoder
+from trainer.models.conversion import move_part
 from trainer.models.single_file import (
     load_single_file,
     load_vae_file,
@@ -276,10 +278,24 @@ def load_base_model(
     vae: str | None = None,
     vae_fp32: bool | None = None,
     allow_unsafe_pickle: bool = False,
+    frozen_dtype: torch.dtype = torch.float32,
+    full_precision_parts: Collection[str] = (),
 ) -> BaseModel:
-    """Load ``model.base`` (or an already located source); raises ``UserError`` with the fix when it cannot be read."""
+    """Load ``model.base`` (or an already located source); raises ``UserError`` with the fix when it cannot be read.
+
+    The parts load frozen (no gradients) in ``frozen_dtype`` (a run's compute dtype under mixed precision), but
+    those ``full_precision_parts`` names ("unet", "text_encoders", "vae") and a VAE kept in fp32 (``vae_fp32``)
+    load in fp32. A single file's tensors are read straight into their part's dtype, so a half-precision file is
+    never widened to fp32 first; other sources convert tensor by tensor (trainer.models.conversion).
+    """
     source = base if isinstance(base, BaseSource) else locate_base(base, family, allow_unsafe_pickle)
     found = source.family
+    vae_fp32 = found.vae_fp32_by_default if vae_fp32 is None else vae_fp32
+    roles = {"unet": "unet", "vae": "vae", **{spec.component: "text_encoders" for spec in found.text_encoders}}
+    dtypes = {
+        component: torch.float32 if role in full_precision_parts or (role == "vae" and vae_fp32) else frozen_dtype
+        for component, role in roles.items()
+    }
     if source.kind == "builtin":
         built = found.builtin(source.base)
         parts = built if isinstance(built, dict) else _folder_parts(BaseSource(source.base, found, "folder", source.name, source.evidence, path=built))
@@ -292,7 +308,12 @@ def load_base_model(
             _check_config_family(source, Path(config))
         tensors, metadata = (source.tensors, source.metadata) if source.tensors is not None else read_state_dict(source.path, allow_unsafe_pickle)
         source.tensors = None  # the loaded model holds the weights now
-        parts = load_single_file(source.path, found, tensors, metadata, Path(config) if config else None)
+        parts = load_single_file(source.path, found, tensors, metadata, Path(config) if config else None, dtypes)
+    if vae is not None:
+        parts["vae"] = _load_vae(vae, parts["vae"], found, allow_unsafe_pickle)
+    for component, dtype in dtypes.items():
+        parts[component].requires_grad_(False)
+        move_part(parts[component], None, dtype)
     text_encoders = []
     for spec in found.text_encoders:
         fix_pooling(parts[spec.component], parts[spec.tokenizer_component])
@@ -300,17 +321,19 @@ def load_base_model(
     return BaseModel(
         family=found,
         unet=parts["unet"],
-        vae=parts["vae"] if vae is None else _load_vae(vae, parts["vae"], found, allow_unsafe_pickle),
+        vae=parts["vae"],
         text_encoders=text_encoders,
         noise_scheduler=_set_prediction_type(parts["scheduler"], prediction_type),
         source=source.base,
         name=source.name,
-        vae_fp32=found.vae_fp32_by_default if vae_fp32 is None else vae_fp32,
+        vae_fp32=vae_fp32,
     )
 
 
-def load_recipe_model(model_cfg, source: BaseSource | None = None) -> BaseModel:
-    """The base model a recipe's ``model`` section describes."""
+def load_recipe_model(
+    model_cfg, source: BaseSource | None = None, frozen_dtype: torch.dtype = torch.float32, full_precision_parts: Collection[str] = ()
+) -> BaseModel:
+    """The base model a recipe's ``model`` section describes (``frozen_dtype``, ``full_precision_parts``: load_base_model)."""
     return load_base_model(
         source or model_cfg.base,
         config=model_cfg.config,
@@ -319,4 +342,6 @@ def load_recipe_model(model_cfg, source: BaseSource | None = None) -> BaseModel:
         vae=model_cfg.vae,
         vae_fp32=model_cfg.vae_fp32,
         allow_unsafe_pickle=model_cfg.allow_unsafe_pickle,
+        frozen_dtype=frozen_dtype,
+        full_precision_parts=full_precision_parts,
     )

@@ -77,6 +77,11 @@ class DreamBoothMethod(TrainingMethod):
         return recipe.dreambooth.prior_loss_weight
 
     @classmethod
+    def full_precision_parts(cls, recipe: Recipe) -> frozenset[str]:
+        # The UNet's (and text encoders') fp32 weights are the master weights; class images are drawn before training.
+        return frozenset({"unet", "text_encoders", "vae"})
+
+    @classmethod
     def text_encoder_training_key(cls, recipe: Recipe) -> str | None:
         return "dreambooth.train_text_encoder" if recipe.dreambooth.train_text_encoder else None
 

@@ -101,6 +101,11 @@ class TextualInversionMethod(TrainingMethod):
         self.embeddings: dict[str, AddedTokenEmbedding] = {}
 
     @classmethod
+    def full_precision_parts(cls, recipe) -> frozenset[str]:
+        # The new vectors start from the initializer word's fp32 embedding.
+        return frozenset({"text_encoders"})
+
+    @classmethod
     def text_encoder_training_key(cls, recipe) -> str | None:
         return "method: textual_inversion (it trains the new words' embeddings)"
 
