@@ -25,6 +25,6 @@ download "$DEST/kohya-wheels" accelerate==1.6.0 diffusers==0.32.1 transformers==
   tokenizers==0.21.4 imagesize==1.4.1 toml==0.10.2 voluptuous==0.15.2
 [[ "$(git -C "$WORK/sd-scripts" rev-parse HEAD)" == "$SD_SCRIPTS_COMMIT" ]] || { echo "$WORK/sd-scripts is not at $SD_SCRIPTS_COMMIT: run setup_env.sh" >&2; exit 1; }
 rm -rf "$DEST/sd-scripts"; mkdir -p "$DEST/sd-scripts"
-(cd "$WORK/sd-scripts" && cp -r library networks train_network.py train_db.py train_textual_inversion.py "$DEST/sd-scripts/")
+(cd "$WORK/sd-scripts" && cp -r library networks train_network.py train_db.py train_textual_inversion.py sdxl_train_network.py "$DEST/sd-scripts/")
 find "$DEST/sd-scripts" -name __pycache__ -prune -exec rm -rf {} +
 du -sh "$DEST"
