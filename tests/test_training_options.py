@@ -191,3 +191,22 @@ def test_mixed_precision_keeps_trained_weights_exact_and_frozen_parts_in_the_com
     assert trainable and all(param.dtype == torch.float32 for param in trainable)
     assert all(torch.equal(param, original[name]) for name, param in model.unet.named_parameters())
     assert model.vae.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("prior_preservation", "train_text_encoder", "fp32_parts"),
+    [(True, False, {"unet", "text_encoder", "vae"}), (False, True, {"unet", "text_encoder"}), (False, False, {"unet"})],
+)
+def test_dreambooth_loads_in_fp32_only_what_it_trains_or_draws_class_images_with(prior_preservation, train_text_encoder, fp32_parts):
+    # Prior preservation draws class images with the whole base model before training (fp32, as ever); without
+    # it a frozen text encoder and the VAE load straight in the compute dtype.
+    from trainer.methods.dreambooth.method import DreamBoothMethod
+    from trainer.models.loading import load_base_model
+
+    recipe = load_recipe(
+        REPO / "recipes" / "sls_frog_dreambooth.yaml",
+        [f"dreambooth.prior_preservation={str(prior_preservation).lower()}", f"dreambooth.train_text_encoder={str(train_text_encoder).lower()}"],
+    )
+    model = load_base_model("tiny", frozen_dtype=torch.bfloat16, full_precision_parts=DreamBoothMethod.full_precision_parts(recipe))
+    dtypes = {name: {p.dtype for p in part.parameters()} for name, part in model.parts().items()}
+    assert dtypes == {name: {torch.float32 if name in fp32_parts else torch.bfloat16} for name in dtypes}

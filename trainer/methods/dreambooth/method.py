@@ -78,8 +78,12 @@ class DreamBoothMethod(TrainingMethod):
 
     @classmethod
     def full_precision_parts(cls, recipe: Recipe) -> frozenset[str]:
-        # The UNet's (and text encoders') fp32 weights are the master weights; class images are drawn before training.
-        return frozenset({"unet", "text_encoders", "vae"})
+        # The trained parts' fp32 weights are the master weights; prior preservation draws its class images with
+        # the whole model before training, in fp32 as the base model is.
+        cfg = recipe.dreambooth
+        if cfg.prior_preservation:
+            return frozenset({"unet", "text_encoders", "vae"})
+        return frozenset({"unet", "text_encoders"} if cfg.train_text_encoder else {"unet"})
 
     @classmethod
     def text_encoder_training_key(cls, recipe: Recipe) -> str | None:
