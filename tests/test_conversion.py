@@ -57,7 +57,6 @@ def test_a_mapped_model_converted_to_bf16_gives_its_file_pages_back_and_keeps_ev
     assert all(torch.equal(loaded[name], reference[name]) for name in reference)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_half_precision_file_is_read_into_another_dtype_without_keeping_its_file_pages(tmp_path, dtype):
     # Checkpoints are shared in fp16; a base model loads in fp32, or its frozen parts in bf16 for a bf16 run.

@@ -26,14 +26,13 @@ models.mkdir(parents=True, exist_ok=True)
 # kohya loads its tokenizers by hub id unless --tokenizer_cache_dir holds a folder of that name (the id with "_" for
 # "/"); sdtrain writes the same tokenizer files offline.
 tokenizers = Path(sys.argv[1]) / "tokenizer_cache"
+write_tokenizer_files(tokenizers / "openai_clip-vit-large-patch14")
 if sys.argv[2:] == ["sdxl"]:
-    model = load_base_model("random:sdxl")
-    # Converted in place, one tensor at a time: the fp32 model (14 GB) and an fp16 copy would not fit 24 GB together.
-    for part in model.parts().values():
-        part.to(torch.float16)
+    # Every part loaded as fp16, converted one tensor at a time: the fp32 model (14 GB) and an fp16 copy would not
+    # fit 24 GB together.
+    model = load_base_model("random:sdxl", frozen_dtype=torch.float16, vae_fp32=False)
     # SDXL's second tokenizer (OpenCLIP bigG) is the same BPE padded with "!".
     write_tokenizer_files(tokenizers / "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k", pad_token="!")
-    write_tokenizer_files(tokenizers / "openai_clip-vit-large-patch14")
     save_single_file(model, models / "sdxl-random.safetensors", dtype=torch.float16, title="sdxl-random")
     sys.exit()
 save_diffusers_folder(load_base_model("tiny"), models / "tiny", "fp32", replace=True)
@@ -41,7 +40,6 @@ prefix_text_encoder_keys(models / "tiny")
 model = load_base_model("random:sd1")
 save_diffusers_folder(model, models / "sd15-random", "fp32", replace=True)
 prefix_text_encoder_keys(models / "sd15-random")
-write_tokenizer_files(tokenizers / "openai_clip-vit-large-patch14")
 # The same weights rounded to fp16, as checkpoints are shared.
 save_single_file(model, models / "sd15-random-fp16.safetensors", dtype=torch.float16, title="sd15-random-fp16")
 # Last: setup_env.sh takes this file as the sign that everything above is there.
