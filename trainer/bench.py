@@ -137,10 +137,11 @@ def matmul_flops_per_second(dtype: str = "fp32", repeats: int = CEILING_REPEATS)
     """The best rate of a square ``dtype`` matmul (2 n³ FLOPs) on the training device and threads."""
     import torch
 
+    from trainer.formats.safetensors_file import DTYPES
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = CEILING_MATMUL_SIZE[device]
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a, b = (torch.randn(size, size, device=device, dtype=torch_dtype) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[dtype]) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first call pays for allocation and kernel selection
         if device == "cuda":

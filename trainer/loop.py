@@ -23,7 +23,7 @@ from trainer.atomic import write_text
 from trainer.checkpoint import Progress, complete_checkpoints, latest_complete, load_checkpoint, resolve_checkpoint, save_checkpoint, sweep_leftovers
 from trainer.errors import UserError
 from trainer.flops import StepFlops
-from trainer.formats.safetensors_file import iso_now
+from trainer.formats.safetensors_file import DTYPES, iso_now
 from trainer.matmul_conv import use_matmul_convolutions
 from trainer.methods import method_class
 from trainer.methods.base import ExportContext, TrainingBatch
@@ -241,7 +241,9 @@ def train(
             _announce_later_checkpoints(output_dir, checkpoint.progress.step)
 
     set_seed(cfg.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    # The dtype the frozen weights are kept in and autocast computes in ("no": fp32 throughout).
+    compute_dtype = "fp32" if mixed_precision == "no" else mixed_precision
+    weight_dtype = DTYPES[compute_dtype]
 
     # Frozen parts load straight in the compute dtype: a half-precision file is never widened to fp32 first.
     model = load_recipe_model(recipe.model, source, frozen_dtype=weight_dtype, full_precision_parts=method_cls.full_precision_parts(recipe))
@@ -317,7 +319,7 @@ def train(
         model, recipe, recipe.data.cache_latents != "none" and (whole_run or (repeats and not recipe.data.flip)),
         text_mode != "none" and (whole_run or (repeats and fixed_captions)), validator is not None, output_dir,
     )
-    result = TrainResult(output_dir=output_dir, artifacts=[], compute_dtype={"no": "fp32"}.get(mixed_precision, mixed_precision))
+    result = TrainResult(output_dir=output_dir, artifacts=[], compute_dtype=compute_dtype)
     started_at = iso_now()
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not (show_progress and world.is_main), unit="step", dynamic_ncols=True)
