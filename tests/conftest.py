@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _trains_in_bf16() -> bool:
+    import torch
+
+    from trainer.loop import cpu_computes_bf16
+
+    return torch.cuda.is_available() or cpu_computes_bf16()
+
+
+# Training in bf16 needs a GPU or a CPU that computes bf16; elsewhere the loop refuses it (tests/test_recipe.py).
+trains_in_bf16 = pytest.mark.skipif(not _trains_in_bf16(), reason="this CPU does not compute bf16 (no AVX-512 or Arm bf16): sdtrain refuses bf16 here")
+
+
 def fast_overrides(output_dir: Path, **extra) -> list[str]:
     """Overrides that make recipes/sls_frog_lora.yaml train in seconds: 64 px, no sampling, no TensorBoard."""
     values = {

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import trains_in_bf16
 from trainer import bench
 from trainer.bench import Configuration, Measurement, main, measure, run_bench
 from trainer.errors import UserError
@@ -123,6 +124,7 @@ def test_each_row_shows_its_own_configurations_measurement(monkeypatch):
     assert "device: CPU: test" in table and "1 warm-up + 3 timed steps" in table and "bf16: 6.0 GFLOP/s" in table
 
 
+@trains_in_bf16
 def test_a_bf16_run_is_measured_against_a_bf16_matmul(tmp_path):
     # Under bf16 mixed precision the step's products run in bf16, whose peak differs from fp32's (several
     # times over on a GPU): its share of the ceiling is taken against a bf16 matmul timed in its process.

@@ -250,6 +250,20 @@ def test_fp16_without_a_gpu_is_refused_by_the_loop_before_data_and_model(tmp_pat
         loop.train(recipe, show_progress=False)
 
 
+def test_bf16_on_a_cpu_that_does_not_compute_it_is_refused_before_data_and_model(tmp_path, monkeypatch, no_model):
+    # Without AVX-512 (or Arm's bf16) torch computes bf16 in plain loops: 200 times slower than fp32 for a matrix
+    # product on an AVX2 CPU (docs/benchmarks.md), so a bf16 recipe there would seem to hang.
+    import torch
+
+    from trainer import loop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loop, "cpu_computes_bf16", lambda: False)
+    recipe = load_recipe(RECIPES / "sls_frog_lora.yaml", ["train.mixed_precision=bf16", f"data.dir={tmp_path / 'missing'}"])
+    with pytest.raises(UserError, match=r"'train\.mixed_precision' is 'bf16', but this CPU \(\w+\) has no instructions .* Set train\.mixed_precision=no"):
+        loop.train(recipe, show_progress=False)
+
+
 def test_sharding_the_model_of_an_adapter_method_is_refused_before_data_and_model(tmp_path, no_model):
     from trainer import loop
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, fast_overrides, train_and_resume
+from tests.conftest import REPO, fast_overrides, train_and_resume, trains_in_bf16
 from tests.tolerances import FP32, Rounding, assert_close_elementwise
 from trainer import diffusion
 from trainer.checkpoint import resolve_checkpoint
@@ -37,6 +37,7 @@ def test_adaptive_optimizers_resume_exactly(tmp_path, optimizer, lr):
     train_and_resume(RECIPE, tmp_path, settings)
 
 
+@trains_in_bf16
 @pytest.mark.parametrize("recipe", ["sls_frog_lora", "lycoris_loha", "sls_frog_dreambooth", "sls_frog_ti", "sls_frog_hypernetwork"])
 def test_bf16_on_a_cpu_trains_every_method_and_resumes_exactly(tmp_path, recipe):
     """train.mixed_precision=bf16 on a CPU (torch's CPU autocast, frozen weights in bf16): every method's

@@ -67,15 +67,29 @@ def _mixed_precision(setting: str) -> str:
 
     The one setting checked here rather than in validate_recipe: a recipe is valid on every machine,
     whether this one can run it is decided where it runs. bf16 runs on a CPU too (torch's CPU autocast),
-    at half the frozen weights' memory; "auto" keeps a CPU in fp32 (docs/benchmarks.md, "bf16 on a CPU").
+    at half the frozen weights' memory, where the CPU computes bf16; "auto" keeps a CPU in fp32
+    (docs/benchmarks.md, "bf16 on a CPU").
     """
     if setting != "auto":
         if setting == "fp16" and not torch.cuda.is_available():
-            raise UserError("Recipe key 'train.mixed_precision' is 'fp16', which needs a CUDA GPU; on CPU use 'bf16', 'auto' or 'no' (fp32).")
+            raise UserError("Recipe key 'train.mixed_precision' is 'fp16', which needs a CUDA GPU; on a CPU use 'auto' or 'no' (fp32), or 'bf16' where the CPU computes it.")
+        if setting == "bf16" and not torch.cuda.is_available() and not cpu_computes_bf16():
+            raise UserError(
+                f"Recipe key 'train.mixed_precision' is 'bf16', but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
+                "instructions torch computes bf16 with (AVX-512 or Arm's bf16), so every product would run tens to hundreds of "
+                "times slower than in fp32 (docs/benchmarks.md, \"bf16 on a CPU\"). Set train.mixed_precision=no (or auto), "
+                "or train on a GPU."
+            )
         return setting
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether torch computes bf16 on this CPU through oneDNN (AVX-512 or Arm's bf16 instructions); without it,
+    bf16 products and convolutions fall back to plain loops."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _forget_other_mixed_precision(mixed_precision: str) -> None:

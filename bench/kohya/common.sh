@@ -3,7 +3,7 @@ set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/../.." && pwd)   # the sdtrain repository: its dataset and recipe
 WORK=${KOHYA_BENCH_DIR:-$HOME/kohya-bench}
-USAGE="usage: $0 RES N [folder|single|single-fp16|tiny|sdxl]"
+USAGE="usage: $0 RES N [folder|single|single-fp16|folder-fp16|tiny|sdxl]"
 RES=${1:?$USAGE}
 N=${2:?$USAGE}
 SOURCE=${3:-folder}
@@ -11,6 +11,7 @@ case "$SOURCE" in
   folder) MODEL=$WORK/models/sd15-random ;;
   single) MODEL=$WORK/models/sd15-random.safetensors ;;
   single-fp16) MODEL=$WORK/models/sd15-random-fp16.safetensors ;;   # the same weights rounded to fp16
+  folder-fp16) MODEL=$WORK/models/sd15-random-fp16 ;;   # the same, as a diffusers folder of fp16 files
   tiny) MODEL=$WORK/models/tiny ;;   # sdtrain's built-in tiny model as a diffusers folder
   sdxl) MODEL=$WORK/models/sdxl-random.safetensors ;;   # random:sdxl, fp16 (make_model.py WORK sdxl); LoRA only
   *) echo "$USAGE" >&2; exit 2 ;;

@@ -1,11 +1,13 @@
 """make_model.py WORK [sdxl] (with sdtrain's python): write sdtrain's random:sd1 (seeded, so the same weights every
 time, fp32) as the diffusers folder WORK/models/sd15-random and the single file WORK/models/sd15-random.safetensors (and
-rounded to fp16, WORK/models/sd15-random-fp16.safetensors), the built-in tiny model as the diffusers folder WORK/models/tiny, and the CLIP tokenizer. With sdxl: only random:sdxl as the
+rounded to fp16, WORK/models/sd15-random-fp16.safetensors and the folder WORK/models/sd15-random-fp16), the built-in tiny model as the diffusers folder WORK/models/tiny, and the CLIP tokenizer. With sdxl: only random:sdxl as the
 single file WORK/models/sdxl-random.safetensors (fp16, 7 GB: what SDXL files are shared as) and SDXL's second tokenizer."""
+import copy
 import sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
+from trainer.models.base_model import replace_parts
 from trainer.models.export import save_diffusers_folder, save_single_file
 from trainer.models.loading import load_base_model
 from trainer.models.tokenizer import write_tokenizer_files
@@ -40,7 +42,11 @@ prefix_text_encoder_keys(models / "tiny")
 model = load_base_model("random:sd1")
 save_diffusers_folder(model, models / "sd15-random", "fp32", replace=True)
 prefix_text_encoder_keys(models / "sd15-random")
-# The same weights rounded to fp16, as checkpoints are shared.
+# The same weights rounded to fp16, as checkpoints are shared: a single file, and a diffusers folder of fp16 files.
 save_single_file(model, models / "sd15-random-fp16.safetensors", dtype=torch.float16, title="sd15-random-fp16")
+replace_parts(model, {name: copy.deepcopy(part).half() for name, part in model.parts().items()}).pipeline().save_pretrained(
+    models / "sd15-random-fp16", safe_serialization=True
+)
+prefix_text_encoder_keys(models / "sd15-random-fp16")
 # Last: setup_env.sh takes this file as the sign that everything above is there.
 save_single_file(model, models / "sd15-random.safetensors", dtype=torch.float32, title="sd15-random")

@@ -1,5 +1,5 @@
 #!/bin/bash
-# run_kohya.sh RES N [folder|single|single-fp16|tiny|sdxl] -> 'kohya RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
+# run_kohya.sh RES N [folder|single|single-fp16|folder-fp16|tiny|sdxl] -> 'kohya RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
 # KOHYA_SDPA=0: kohya's own attention instead of --sdpa (printed as kohya-nosdpa). GRAD_CKPT=1: gradient checkpointing.
 # MIXED_PRECISION=bf16: bf16 mixed precision. METHOD=dreambooth|ti: that method. BATCH=N: batch size N.
 # DRY_RUN=1: print the command only.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# run_sdtrain.sh RES N [folder|single|single-fp16|tiny|sdxl] -> 'sdtrain RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
+# run_sdtrain.sh RES N [folder|single|single-fp16|folder-fp16|tiny|sdxl] -> 'sdtrain RES SOURCE N wall_s s_per_step peak_rss_GiB first_step_s'
 # Runs ${SDTRAIN:-sdtrain}. GRAD_CKPT=1: gradient checkpointing. MIXED_PRECISION=bf16: bf16 mixed precision.
 # METHOD=dreambooth|ti: that method. BATCH=N: batch size N. DRY_RUN=1: print the command only.
 SIDE=sdtrain

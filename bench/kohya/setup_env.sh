@@ -25,4 +25,4 @@ TORCHVISION_INIT=$(echo venv/lib/python3*/site-packages/torchvision/__init__.py)
 grep -q PATCHED "$TORCHVISION_INIT" || patch -s "$TORCHVISION_INIT" "$BENCH/torchvision-cpu.patch"
 venv/bin/pip freeze > freeze.txt   # the versions measured, for the report
 
-[[ -e models/sd15-random.safetensors && -e models/tiny ]] || HF_HUB_OFFLINE=1 "${SDTRAIN_PYTHON:-python3}" "$BENCH/make_model.py" "$WORK"
+[[ -e models/sd15-random.safetensors && -e models/sd15-random-fp16 && -e models/tiny ]] || HF_HUB_OFFLINE=1 "${SDTRAIN_PYTHON:-python3}" "$BENCH/make_model.py" "$WORK"

@@ -119,8 +119,9 @@ def _unreadable(path: Path, role: str, err: Exception) -> UserError:
     )
 
 
-def read_metadata(path: Path, role: str = "") -> dict[str, str]:
-    """The file's ``__metadata__``; a UserError naming the file when its header cannot be read."""
+def read_header(path: Path, role: str = "") -> dict:
+    """The file's JSON header (each tensor's dtype, shape and offsets, and ``__metadata__``), without reading
+    the tensors; a UserError naming the file when it cannot be read."""
     try:
         with open(path, "rb") as handle:
             (header_length,) = struct.unpack("<Q", handle.read(8))
@@ -129,7 +130,26 @@ def read_metadata(path: Path, role: str = "") -> dict[str, str]:
             raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError) as err:  # a short file, a length past its end, a header that is not JSON
         raise _unreadable(path, role, err) from None
-    return header.get("__metadata__", {})
+    return header
+
+
+def read_metadata(path: Path, role: str = "") -> dict[str, str]:
+    """The file's ``__metadata__``; a UserError naming the file when its header cannot be read."""
+    return read_header(path, role).get("__metadata__", {})
+
+
+# The header's names of the floating-point dtypes a model is stored in.
+HEADER_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_float_dtype(paths: list[Path], role: str = "") -> torch.dtype | None:
+    """The one floating-point dtype the files' tensors are stored in; None if they mix several or hold another
+    (fp64, fp8) or none."""
+    found = {
+        entry["dtype"] for path in paths for name, entry in read_header(path, role).items()
+        if name != "__metadata__" and entry["dtype"].startswith(("F", "BF"))
+    }
+    return HEADER_DTYPES.get(found.pop()) if len(found) == 1 else None
 
 
 def iso_now() -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.errors import UserError
 from trainer.families import AUTO, all_families, family_named
 from trainer.families.base import PACKAGED_CONFIGS
 from trainer.formats.ldm_checkpoint import CheckpointLayoutError, detect_layout
+from trainer.formats.safetensors_file import stored_float_dtype
 from trainer.models.base_model import BaseModel, TextEncoder
 from trainer.models.conversion import move_part
 from trainer.models.single_file import (
@@ -198,13 +200,46 @@ def training_scheduler(scheduler_config) -> DDPMScheduler:
     return DDPMScheduler.from_config(config)
 
 
-def _folder_parts(source: BaseSource) -> dict:
+# A component's weight files as from_pretrained names them: plain or a variant's ("fp16"), whole or sharded.
+_WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.(?P<variant>\w+))?(?:-\d+-of-\d+)?\.safetensors$")
+
+
+def _weight_files(folder: Path) -> dict[str | None, list[Path]]:
+    """A component folder's .safetensors weight files by variant (None: the plain ones)."""
+    files: dict[str | None, list[Path]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        match = _WEIGHT_FILE.match(path.name)
+        if match:
+            files.setdefault(match["variant"], []).append(path)
+    return files
+
+
+def _folder_loading(folders: dict[str, Path]) -> tuple[str | None, dict[str, torch.dtype]]:
+    """(variant, dtypes) for from_pretrained of the model folders named in ``folders`` (a pipeline's components).
+
+    The variant is the one held by the folders that have no plain weight files (a model downloaded with
+    variant="fp16" has only those; the first by name if there are several); from_pretrained then reads it
+    wherever a folder has it. Each folder loads in the one dtype its files store, so nothing is widened while
+    loading and an fp32 file stays mapped: load_base_model's move_part then converts tensor by tensor, giving
+    the file's pages back (docs/benchmarks.md). Files that mix dtypes, or are not safetensors, load in fp32.
+    """
+    weights = {name: _weight_files(folder) for name, folder in folders.items()}
+    variants = sorted({variant for files in weights.values() if None not in files for variant in files})
+    variant = variants[0] if variants else None
+    dtypes = {}
+    for name, files in weights.items():
+        read = files.get(variant) or files.get(None)
+        dtypes[name] = (stored_float_dtype(read, "model weight file") if read else None) or torch.float32
+    return variant, dtypes
+
+
+def _folder_parts(source: BaseSource, components: Collection[str]) -> dict:
     family = source.family
+    variant, dtypes = _folder_loading({component: source.path / component for component in components})
     try:
-        # float32 throughout, whatever the files hold (folders saved in fp16 mix dtypes when loaded plainly);
-        # training casts the frozen parts to the compute precision itself.
         pipe = family.pipeline_class().from_pretrained(
-            str(source.path), local_files_only=True, torch_dtype=torch.float32, **family.folder_loading_extras()
+            str(source.path), local_files_only=True, variant=variant, torch_dtype={"default": torch.float32, **dtypes},
+            **family.folder_loading_extras(),
         )
     except Exception as err:  # diffusers raises many types for a broken folder
         raise UserError(f"model.base '{source.base}' could not be loaded as a {family.pipeline_class_name} folder: {err}. Check that the folder is complete.") from err
@@ -239,8 +274,9 @@ def _load_vae(vae: str, base_vae: AutoencoderKL, family, allow_unsafe_pickle: bo
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         if not (folder / "config.json").is_file():
             raise UserError(f"model.vae '{vae}' is a folder without a VAE config.json (nor a vae/ subfolder). Point it at a diffusers VAE folder or a .safetensors VAE file.")
+        variant, dtypes = _folder_loading({"vae": folder})
         try:
-            loaded = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
+            loaded = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, variant=variant, torch_dtype=dtypes["vae"])
         except Exception as err:
             raise UserError(f"model.vae '{vae}' could not be loaded as a diffusers VAE: {err}.") from None
         expected, got = base_vae.config, loaded.config
@@ -285,8 +321,9 @@ def load_base_model(
 
     The parts load frozen (no gradients) in ``frozen_dtype`` (a run's compute dtype under mixed precision), but
     those ``full_precision_parts`` names ("unet", "text_encoders", "vae") and a VAE kept in fp32 (``vae_fp32``)
-    load in fp32. A single file's tensors are read straight into their part's dtype, so a half-precision file is
-    never widened to fp32 first; other sources convert tensor by tensor (trainer.models.conversion).
+    load in fp32. A single file's tensors are read straight into their part's dtype, and a folder's components
+    load in the dtype their files store, so a half-precision model is never widened to fp32 first; then each part
+    converts tensor by tensor (trainer.models.conversion).
     """
     source = base if isinstance(base, BaseSource) else locate_base(base, family, allow_unsafe_pickle)
     found = source.family
@@ -298,11 +335,11 @@ def load_base_model(
     }
     if source.kind == "builtin":
         built = found.builtin(source.base)
-        parts = built if isinstance(built, dict) else _folder_parts(BaseSource(source.base, found, "folder", source.name, source.evidence, path=built))
+        parts = built if isinstance(built, dict) else _folder_parts(BaseSource(source.base, found, "folder", source.name, source.evidence, path=built), dtypes)
     elif source.kind == "random":
         parts = _random_parts(source)
     elif source.kind == "folder":
-        parts = _folder_parts(source)
+        parts = _folder_parts(source, dtypes)
     else:
         if config:
             _check_config_family(source, Path(config))
