@@ -5,7 +5,8 @@ import os
 
 # Exact resume on CPU: without this, Intel MKL may pick kernels by memory alignment, so two identical
 # runs with more than one thread differ in the last bits (measured: LyCORIS runs differed by ~1e-7 after
-# one step). Must be set before torch loads MKL; costs no measurable speed here. A user who sets it keeps theirs.
+# one step). Must be set before torch loads MKL; costs no measurable speed at SD1.5 size (the tiny model's small
+# products: 14 % of a two-thread step on an AVX2 CPU, docs/benchmarks.md). A user who sets it keeps theirs.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # bitsandbytes (the `cuda` extra), where installed, warns on import about optional CPU kernels on
