@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,12 +234,20 @@ def _folder_loading(folders: dict[str, Path]) -> tuple[str | None, dict[str, tor
     return variant, dtypes
 
 
+def _from_pretrained(loader, folder: Path, **kwargs):
+    """``loader(folder, local_files_only=True, **kwargs)``. diffusers 0.42 deprecates ``torch_dtype`` for ``dtype``,
+    which the oldest diffusers sdtrain supports (0.35) does not take: the old name, without the warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+        return loader(str(folder), local_files_only=True, **kwargs)
+
+
 def _folder_parts(source: BaseSource, components: Collection[str]) -> dict:
     family = source.family
     variant, dtypes = _folder_loading({component: source.path / component for component in components})
     try:
-        pipe = family.pipeline_class().from_pretrained(
-            str(source.path), local_files_only=True, variant=variant, torch_dtype={"default": torch.float32, **dtypes},
+        pipe = _from_pretrained(
+            family.pipeline_class().from_pretrained, source.path, variant=variant, torch_dtype={"default": torch.float32, **dtypes},
             **family.folder_loading_extras(),
         )
     except Exception as err:  # diffusers raises many types for a broken folder
@@ -276,7 +285,7 @@ def _load_vae(vae: str, base_vae: AutoencoderKL, family, allow_unsafe_pickle: bo
             raise UserError(f"model.vae '{vae}' is a folder without a VAE config.json (nor a vae/ subfolder). Point it at a diffusers VAE folder or a .safetensors VAE file.")
         variant, dtypes = _folder_loading({"vae": folder})
         try:
-            loaded = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, variant=variant, torch_dtype=dtypes["vae"])
+            loaded = _from_pretrained(AutoencoderKL.from_pretrained, folder, variant=variant, torch_dtype=dtypes["vae"])
         except Exception as err:
             raise UserError(f"model.vae '{vae}' could not be loaded as a diffusers VAE: {err}.") from None
         expected, got = base_vae.config, loaded.config
