@@ -13,17 +13,11 @@ import trainer  # noqa: F401  (first: it sets MKL_CBWR before any test module im
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _trains_in_bf16() -> bool:
-    import torch
-
-    from trainer.loop import cpu_computes_bf16
-
-    return torch.cuda.is_available() or cpu_computes_bf16()
+from trainer.loop import computes_bf16  # noqa: E402  (after HF_HUB_OFFLINE: huggingface_hub reads it on import)
 
 
 # Training in bf16 needs a GPU or a CPU that computes bf16; elsewhere the loop refuses it (tests/test_recipe.py).
-trains_in_bf16 = pytest.mark.skipif(not _trains_in_bf16(), reason="this CPU does not compute bf16 (no AVX-512 or Arm bf16): sdtrain refuses bf16 here")
+trains_in_bf16 = pytest.mark.skipif(not computes_bf16(), reason="this CPU does not compute bf16 (no AVX-512 or Arm bf16): sdtrain refuses bf16 here")
 
 
 def fast_overrides(output_dir: Path, **extra) -> list[str]:

@@ -258,7 +258,7 @@ def test_bf16_on_a_cpu_that_does_not_compute_it_is_refused_before_data_and_model
     from trainer import loop
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(loop, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(loop, "computes_bf16", lambda: False)
     recipe = load_recipe(RECIPES / "sls_frog_lora.yaml", ["train.mixed_precision=bf16", f"data.dir={tmp_path / 'missing'}"])
     with pytest.raises(UserError, match=r"'train\.mixed_precision' is 'bf16', but this CPU \(\w+\) has no instructions .* Set train\.mixed_precision=no"):
         loop.train(recipe, show_progress=False)

@@ -213,14 +213,16 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB"
 
 
-def _optional(value: float | None, template: str, form=lambda value: value) -> str:
-    return "-" if value is None else template.format(form(value))
+def _optional(value: float | None, template: str) -> str:
+    return "-" if value is None else template.format(value)
 
 
-def _percent(fraction: float) -> str:
-    """Whole percent, or one significant digit below 1 % (a toy model's step on a fast machine), never "0"."""
+def _ceiling_share(fraction: float | None, dtype: str) -> str:
+    """Whole percent, or one significant digit below 1 % (a toy model's step on a fast machine) rather than "0"."""
+    if fraction is None:
+        return "-"
     percent = 100 * fraction
-    return f"{percent:.0f}" if percent >= 1 or percent == 0 else f"{percent:.1g}"
+    return f"{percent:.0f} % ({dtype})" if percent >= 1 or percent == 0 else f"{percent:.1g} % ({dtype})"
 
 
 def _cells(outcome: Measurement) -> tuple[str, ...]:
@@ -228,7 +230,7 @@ def _cells(outcome: Measurement) -> tuple[str, ...]:
         f"{1 / outcome.seconds_per_step:.3f}", f"{outcome.seconds_per_step:.3f}", f"{_gib(outcome.peak_memory_bytes)} {outcome.memory_kind}",
         _optional(outcome.first_step_seconds, "{:.1f} s"), _optional(outcome.end_to_end_seconds, "{:.1f} s"),
         _optional(outcome.step_flops and outcome.step_flops / 1e9, "{:.1f}"),
-        _optional(outcome.ceiling_fraction, f"{{}} % ({outcome.ceiling_dtype})", _percent),
+        _ceiling_share(outcome.ceiling_fraction, outcome.ceiling_dtype),
     )
 
 

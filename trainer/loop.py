@@ -73,7 +73,7 @@ def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         if setting == "fp16" and not torch.cuda.is_available():
             raise UserError("Recipe key 'train.mixed_precision' is 'fp16', which needs a CUDA GPU; on a CPU use 'auto' or 'no' (fp32), or 'bf16' where the CPU computes it.")
-        if setting == "bf16" and not torch.cuda.is_available() and not cpu_computes_bf16():
+        if setting == "bf16" and not computes_bf16():
             raise UserError(
                 f"Recipe key 'train.mixed_precision' is 'bf16', but this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
                 "instructions torch computes bf16 with (AVX-512 or Arm's bf16), so every product would run tens to hundreds of "
@@ -86,10 +86,10 @@ def _mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def cpu_computes_bf16() -> bool:
-    """Whether torch computes bf16 on this CPU through oneDNN (AVX-512 or Arm's bf16 instructions); without it,
-    bf16 products and convolutions fall back to plain loops."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def computes_bf16() -> bool:
+    """Whether this machine trains in bf16: a CUDA GPU, or a CPU torch computes bf16 on through oneDNN (AVX-512 or
+    Arm's bf16 instructions); without them bf16 products and convolutions fall back to plain loops."""
+    return torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _forget_other_mixed_precision(mixed_precision: str) -> None:
