@@ -45,8 +45,8 @@ def test_the_sdtrain_process_trains_and_turns_bad_input_into_one_paragraph(tmp_p
     # training libraries with the garbage collector off): the exit code and messages are main's.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def sdtrain(*argv):
-        return subprocess.run([sys.executable, "-m", "trainer.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+    def sdtrain(*argv, python_options=()):
+        return subprocess.run([sys.executable, *python_options, "-m", "trainer.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
 
     done = sdtrain("train", RECIPE, *fast_overrides(tmp_path / "out", **{"train.max_steps": 1}), "--quiet")
     assert done.returncode == 0, done.stderr
@@ -54,6 +54,11 @@ def test_the_sdtrain_process_trains_and_turns_bad_input_into_one_paragraph(tmp_p
     refused = sdtrain("train", str(tmp_path / "missing.yaml"))
     assert refused.returncode == 2
     assert "missing.yaml" in refused.stderr and "Traceback" not in refused.stderr
+    # A mistyped recipe key is reported before the training libraries are imported (seconds of every start).
+    mistyped = sdtrain("train", RECIPE, "lora.rnak=4", python_options=("-X", "importtime"))
+    assert mistyped.returncode == 2 and "'lora.rank'" in mistyped.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in mistyped.stderr.splitlines() if line.startswith("import time:")}
+    assert "omegaconf" in imported and not imported & {"torch", "diffusers", "transformers"}
 
 
 def test_data_inspect_lists_subsets_and_tags(capsys):

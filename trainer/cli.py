@@ -6,9 +6,11 @@ import argparse
 import gc
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.formats import DTYPE_NAMES
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -24,7 +26,10 @@ def _train(args: argparse.Namespace) -> int:
         from trainer.distributed import launch
 
         return launch(args.processes, _without_processes(args.argv))
-    from trainer.loop import train
+    # Only now, with the recipe read and checked: a mistake in it is reported in well under a second,
+    # not after the seconds the training libraries take to import (docs/benchmarks.md, "Start and exit").
+    with _collector_paused(args.freeze_imports):
+        from trainer.loop import train
 
     train(recipe, resume=args.resume, show_progress=not args.quiet, overwrite=args.overwrite, allow_data_change=args.allow_data_change)
     return 0
@@ -202,7 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", help="diffusers folder, single-file .safetensors/.ckpt, or hypernetwork .pt/.safetensors")
     convert.add_argument("dst", help="a .safetensors file or a folder (models); .safetensors or .pt (hypernetworks)")
-    convert.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="model weights' precision (default fp16)")
+    convert.add_argument("--dtype", default="fp16", choices=DTYPE_NAMES, help="model weights' precision (default fp16)")
     convert.add_argument("--config", help="for a single-file source of another shape than SD1.5/SD2.1: its diffusers config folder")
     convert.set_defaults(run=_convert)
 
@@ -254,14 +259,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """Library chatter (deprecations, optional backends) buries the messages that matter to a user."""
+    """Library chatter (deprecations, optional backends) buries the messages that matter to a user.
+
+    Through the libraries' own environment variables, read as they are imported, so that no command
+    imports diffusers (seconds: it brings torch) to quiet it; a level the user set is kept. Where a
+    library is already imported (tests, a forked server) its level is set directly.
+    """
     import warnings
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    for library, variable in (("diffusers", "DIFFUSERS_VERBOSITY"), ("transformers", "TRANSFORMERS_VERBOSITY")):
+        os.environ.setdefault(variable, "error")
+        logging_module = sys.modules.get(f"{library}.utils.logging")
+        if logging_module is not None:
+            logging_module.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -273,10 +283,13 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, freeze_imports: bool = False) -> int:
+    """Run one command. ``freeze_imports`` (the sdtrain process, ``entry``) imports the training
+    libraries with the garbage collector paused and freezes what they made (``_collector_paused``)."""
     _offline()
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.freeze_imports = freeze_imports
     if not args.debug:
         _quiet_libraries()
     try:
@@ -288,24 +301,30 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
 
 
-def entry() -> int:
-    """The ``sdtrain`` process (the console script, ``python -m trainer.cli``): ``main`` with the garbage
-    collector kept off the libraries' objects. Importing torch, diffusers and transformers makes about
-    500,000 objects, none of them garbage, which the collector walked each time their number grew by a
-    quarter (7 times: 1.7 s of the 6.8 s ``train`` spent importing) and once more as the interpreter
-    exits (1.4 s after an SD1.5-size run). They are frozen out of its view after the imports, and
-    everything is before the exit. Tests call ``main`` itself: a frozen object is never collected, so
-    freezing belongs to a process that ends with the command (docs/benchmarks.md, "Start and exit").
-    """
-    _offline()
+@contextmanager
+def _collector_paused(freeze: bool):
+    """With ``freeze``, the garbage collector is kept off the objects made inside: importing torch,
+    diffusers and transformers makes about 500,000 objects, none of them garbage, which the collector
+    walked each time their number grew by a quarter (7 times: 1.7 s of the 6.8 s ``train`` spent
+    importing). It is paused while they are made, and they are frozen out of its view after. A frozen
+    object is never collected, so freezing belongs to a process that ends with the command (``entry``),
+    not to tests calling ``main`` (docs/benchmarks.md, "Start and exit")."""
+    if not freeze:
+        yield
+        return
     gc.disable()
     try:
-        if sys.argv[1:2] == ["train"]:
-            import trainer.loop  # noqa: F401 -- the training libraries, imported while nothing is collected
+        yield
     finally:
         gc.freeze()
         gc.enable()
-    code = main()
+
+
+def entry() -> int:
+    """The ``sdtrain`` process (the console script, ``python -m trainer.cli``): ``main`` with the training
+    libraries' objects kept from the garbage collector (``_collector_paused``) and everything frozen before
+    the exit, which would otherwise walk them once more (1.4 s after an SD1.5-size run)."""
+    code = main(freeze_imports=True)
     gc.freeze()
     return code
 

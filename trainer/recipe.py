@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from trainer.checks import broken, is_learning_rate, one_of, seed_rule
 from trainer.errors import UserError
 from trainer.families import AUTO, FAMILIES
+from trainer.formats import DTYPE_NAMES
 from trainer.methods import check_method_name, section_problems
 from trainer.methods.dreambooth.config import DreamBoothConfig
 from trainer.methods.hypernetwork.config import HypernetworkConfig
@@ -442,14 +443,12 @@ def _sample_problems(cfg: SampleConfig) -> list[str]:
 
 
 def _output_problems(cfg: OutputConfig) -> list[str]:
-    from trainer.formats.safetensors_file import DTYPES
-
     return broken("output", cfg, [
         ("dir", bool(cfg.dir.strip()), "set it to the folder for the run's files, e.g. output/sls_frog."),
         ("name", is_plain_file_name(cfg.name),
          "it names the artifact files ({output.dir}/{output.name}.safetensors), so it must be a plain file name: not empty, "
          "no / or \\, not . or .., no leading dot, none of <>:\"|?* and no control characters. Use e.g. 'sls_frog'."),
-        ("save_dtype", cfg.save_dtype in DTYPES, one_of(cfg.save_dtype, DTYPES)),
+        ("save_dtype", cfg.save_dtype in DTYPE_NAMES, one_of(cfg.save_dtype, DTYPE_NAMES)),
     ])
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.formats.safetensors_file import DTYPES
+from trainer.formats import DTYPE_NAMES
 
 
 CONFIG_HELP = "for single-file models of another shape than SD1.5/SD2.1/SDXL: the diffusers folder of their architecture"
@@ -50,6 +50,8 @@ def _rank_rule(args: argparse.Namespace):
 
 
 def _dtype(args: argparse.Namespace):
+    from trainer.formats.safetensors_file import DTYPES
+
     return DTYPES[args.dtype] if args.dtype else None
 
 
@@ -77,7 +79,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     report = extract(
         args.tuned, args.base, Path(args.out), args.rank, conv_rank=args.conv_rank, te_threshold=args.te_threshold,
-        clamp_quantile=args.clamp_quantile, config=args.config, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+        clamp_quantile=args.clamp_quantile, config=args.config, dtype=_dtype(args), overwrite=args.overwrite,
     )
     print(report.text())
     return 0
@@ -114,7 +116,7 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     resize.add_argument("src", help="the adapter to resize")
     resize.add_argument("dst", help="the .safetensors file to write")
     _add_rank_rule(resize, "the rank to keep (with a dynamic rule: the largest rank it may pick)")
-    resize.add_argument("--dtype", choices=list(DTYPES), help="weights' precision (default: the input's)")
+    resize.add_argument("--dtype", choices=DTYPE_NAMES, help="weights' precision (default: the input's)")
     resize.set_defaults(run=_resize)
 
     extract = commands.add_parser("extract", parents=[common, overwrite], help="a LoRA from a fine-tuned model and its base")
@@ -125,7 +127,7 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     extract.add_argument("--conv-rank", type=_positive_int, help="also extract the ResNet and sampler convolutions, at this rank")
     extract.add_argument("--te-threshold", type=float, default=0.01, help="include a text encoder only if a weight changed by more than this (default 0.01, kohya's --min_diff)")
     extract.add_argument("--clamp-quantile", type=_share, help="clamp the factors' entries to this quantile of their magnitudes (off by default; kohya uses 0.99)")
-    extract.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="weights' precision (default fp16)")
+    extract.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16", help="weights' precision (default fp16)")
     extract.add_argument("--config", help=CONFIG_HELP)
     extract.set_defaults(run=_extract)
 
@@ -142,5 +144,5 @@ def add_lora_commands(lora: argparse.ArgumentParser, common: argparse.ArgumentPa
     merge.add_argument("--config", help=CONFIG_HELP)
     merge.add_argument("--mode", choices=["svd", "concat"], default="svd", help="without --base: svd (sum, then best rank --rank) or concat (exact, rank = sum of ranks)")
     _add_rank_rule(merge, "with --mode svd: the rank of the merged LoRA (with a dynamic rule: its cap)")
-    merge.add_argument("--dtype", choices=list(DTYPES), help="weights' precision (default: the first adapter's; for a model fp16 in a single file, float32 in a folder)")
+    merge.add_argument("--dtype", choices=DTYPE_NAMES, help="weights' precision (default: the first adapter's; for a model fp16 in a single file, float32 in a folder)")
     merge.set_defaults(run=_merge)

@@ -19,6 +19,7 @@ from safetensors.torch import save as serialize
 
 from trainer.atomic import write_bytes
 from trainer.errors import UserError
+from trainer.formats import DTYPE_NAMES
 
 
 def data_section(serialized: bytes) -> bytes:
@@ -171,4 +172,4 @@ def modelspec(architecture: str, implementation: str, title: str, resolution: in
     return spec
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
