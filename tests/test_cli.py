@@ -54,11 +54,13 @@ def test_the_sdtrain_process_trains_and_turns_bad_input_into_one_paragraph(tmp_p
     refused = sdtrain("train", str(tmp_path / "missing.yaml"))
     assert refused.returncode == 2
     assert "missing.yaml" in refused.stderr and "Traceback" not in refused.stderr
-    # A mistyped recipe key is reported before the training libraries are imported (seconds of every start).
-    mistyped = sdtrain("train", RECIPE, "lora.rnak=4", python_options=("-X", "importtime"))
-    assert mistyped.returncode == 2 and "'lora.rank'" in mistyped.stderr
-    imported = {line.rsplit("|", 1)[1].strip() for line in mistyped.stderr.splitlines() if line.startswith("import time:")}
-    assert "omegaconf" in imported and not imported & {"torch", "diffusers", "transformers"}
+    # A mistyped recipe key or a bad value is reported before the training libraries are imported (seconds
+    # of every start).
+    for override, named in (("lora.rnak=4", "'lora.rank'"), ("train.optimizer=sgd", "'train.optimizer'")):
+        mistaken = sdtrain("train", RECIPE, override, python_options=("-X", "importtime"))
+        assert mistaken.returncode == 2 and named in mistaken.stderr
+        imported = {line.rsplit("|", 1)[1].strip() for line in mistaken.stderr.splitlines() if line.startswith("import time:")}
+        assert "omegaconf" in imported and not imported & {"torch", "diffusers", "transformers"}
 
 
 def test_data_inspect_lists_subsets_and_tags(capsys):

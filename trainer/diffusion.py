@@ -19,10 +19,6 @@ from trainer.data.seeding import seed_of
 from trainer.errors import UserError
 
 
-LOSSES = ("l2", "l1", "huber", "smooth_l1")
-HUBER_SCHEDULES = ("snr", "exponential", "constant")
-
-
 @dataclass(frozen=True)
 class ObjectiveSettings:
     """The train.* options that shape noise, timesteps and the loss (docs/recipes.md, "Loss and noise")."""

@@ -7,13 +7,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from trainer.errors import UserError
+from trainer.recipe import OPTIMIZERS
 
-if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
+if TYPE_CHECKING:
     from trainer.recipe import TrainConfig
-
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
-# diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules).
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def optimizer_type(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict]:

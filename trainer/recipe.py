@@ -33,6 +33,17 @@ from trainer.methods.textual_inversion.config import TextualInversionConfig
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 FAMILY_NAMES = (AUTO, *FAMILIES)
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+# The values these keys take. The code that implements each (trainer.data.cache, trainer.data.masks,
+# trainer.models.text, trainer.optim, trainer.diffusion) imports torch; naming them here lets a recipe be
+# checked, and its mistakes reported, before any library is imported (trainer.cli).
+CACHE_MODES = ("none", "memory", "disk")
+MASK_MODES = ("none", "alpha", "dir")
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # one to three of CLIP's 75-token windows
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
+# diffusers' schedules that need nothing beyond warm-up and total steps (piecewise_constant needs step rules).
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LOSSES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 # output.name becomes a file name: Windows refuses these characters in one, and '/' or '\' would leave output.dir.
 _NOT_IN_FILE_NAMES = set('<>:"/\\|?*')
 
@@ -356,16 +367,12 @@ def _model_problems(cfg: ModelConfig) -> list[str]:
 def _data_problems(cfg: DataConfig) -> list[str]:
     """The data package's own checks of its settings (``sdtrain data inspect`` reports the same), and the cache mode."""
     from trainer.data.buckets import BucketPlan
-    from trainer.data.cache import MODES
-    from trainer.data.masks import MASK_MODES
     from trainer.data.scan import setting_problems
-
-    from trainer.models.text import MAX_TOKEN_LENGTHS
 
     problems = BucketPlan(cfg).problems + [problem.message for problem in setting_problems(cfg)]
     return problems + broken("data", cfg, [
-        ("cache_latents", cfg.cache_latents in MODES, one_of(cfg.cache_latents, MODES)),
-        ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs in MODES, one_of(cfg.cache_text_encoder_outputs, MODES)),
+        ("cache_latents", cfg.cache_latents in CACHE_MODES, one_of(cfg.cache_latents, CACHE_MODES)),
+        ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs in CACHE_MODES, one_of(cfg.cache_text_encoder_outputs, CACHE_MODES)),
         ("masks", cfg.masks in MASK_MODES, one_of(cfg.masks, MASK_MODES)),
         ("mask_dir", cfg.masks != "dir" or bool(cfg.mask_dir), "data.masks is 'dir': set data.mask_dir to the folder of mask images (white = learn)."),
         ("max_token_length", cfg.max_token_length in MAX_TOKEN_LENGTHS,
@@ -374,9 +381,6 @@ def _data_problems(cfg: DataConfig) -> list[str]:
 
 
 def _train_problems(cfg: TrainConfig) -> list[str]:
-    from trainer.diffusion import HUBER_SCHEDULES, LOSSES
-    from trainer.optim import LR_SCHEDULERS, OPTIMIZERS
-
     at_least_one = "it must be at least 1."
     return broken("train", cfg, [
         ("max_steps", cfg.max_steps >= 1, at_least_one),

@@ -23,8 +23,7 @@ from trainer.data.dataset import Batch
 from trainer.data.masks import on_latent_grid
 from trainer.errors import UserError
 from trainer.models.conditioning import TextConditioning
-
-MODES = ("none", "memory", "disk")
+from trainer.recipe import CACHE_MODES
 
 
 def module_fingerprint(modules: Iterable[torch.nn.Module]) -> str:
@@ -51,8 +50,8 @@ class TensorCache:
     ``setting``: the recipe key that chose the mode, for messages."""
 
     def __init__(self, mode: str, directory: Path | str | None, owner_id: str, setting: str):
-        if mode not in MODES:
-            raise UserError(f"{setting} is '{mode}'; use one of: {', '.join(MODES)}.")
+        if mode not in CACHE_MODES:
+            raise UserError(f"{setting} is '{mode}'; use one of: {', '.join(CACHE_MODES)}.")
         if mode == "disk" and directory is None:
             raise UserError(f"{setting} is 'disk' but no cache folder was given; set data.cache_dir.")
         self.mode = mode

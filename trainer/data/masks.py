@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # the recipe schema imports the data package's checks; annota
     from trainer.data.scan import Item
     from trainer.recipe import DataConfig
 
-MASK_MODES = ("none", "alpha", "dir")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 

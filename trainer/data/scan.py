@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from PIL import Image, UnidentifiedImageError
 
 from trainer.data.buckets import BucketPlan, Size
-from trainer.data.masks import mask_problems
 from trainer.data.sources import ImageSource, Problem, Subset, list_images, resolve_subsets
 
 if TYPE_CHECKING:  # the recipe schema imports this module's checks; annotations only here
@@ -168,6 +167,9 @@ def _balance_reg(items: list[Item]) -> tuple[list[Item], list[Problem]]:
 
 
 def scan(cfg: DataConfig) -> ScanResult:
+    # Imported here: the mask code imports torch, and checking a recipe (setting_problems) must not (trainer.cli).
+    from trainer.data.masks import mask_problems
+
     plan = BucketPlan(cfg)
     problems = [Problem(message) for message in plan.problems]
     problems += [Problem(message, fatal=False) for message in plan.warnings]

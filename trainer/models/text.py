@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 CHUNK_TOKENS = 75  # tokens between <BOS> and <EOS> in one CLIP window of 77
-MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
 @dataclass(frozen=True)
