@@ -222,7 +222,8 @@ def _ceiling_share(fraction: float | None, dtype: str) -> str:
     if fraction is None:
         return "-"
     percent = 100 * fraction
-    return f"{percent:.0f} % ({dtype})" if percent >= 1 or percent == 0 else f"{percent:.1g} % ({dtype})"
+    shown = f"{percent:.0f}" if percent >= 1 or percent == 0 else f"{percent:.1g}"
+    return f"{shown} % ({dtype})"
 
 
 def _cells(outcome: Measurement) -> tuple[str, ...]:
